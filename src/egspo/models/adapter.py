@@ -1,0 +1,148 @@
+"""``DiffusionLM``: one interface over every masked diffusion LM egspo can train.
+
+Logits are aligned so that position ``i`` predicts token ``i`` (Dream predicts ``i`` from ``i - 1``;
+the shift is handled here). ``positions`` restricts the LM head to the positions that are needed,
+which is where most of the memory and time of a 126k-vocabulary model goes:
+
+- native models (our LLaDA and Dream) accept ``logits_positions=`` in ``forward`` and slice hidden
+  states before the head, and ``return_hidden=True`` to get the final hidden states so that callers
+  can run the head in chunks (:meth:`DiffusionLM.encode` / :meth:`DiffusionLM.head`);
+- any other ``AutoModelForMaskedLM`` (BERT, ModernBERT, remote code) computes full logits that are
+  then gathered: correct, but without the saving.
+
+``positions`` is a LongTensor of shape (P,) (the same positions in every row) or (B, P) (per row);
+the result has shape (B, P, V).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Select ``positions`` (shape (P,) or (B, P)) along dim 1 of ``x`` (B, L, ...)."""
+    if positions.dim() == 1:
+        return x.index_select(1, positions)
+    index = positions.reshape(*positions.shape, *([1] * (x.dim() - 2)))
+    index = index.expand(*positions.shape, *x.shape[2:])
+    return x.gather(1, index)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP/compile and peft wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
+            model = model.get_base_model()
+        else:
+            return model
+
+
+@dataclass
+class DiffusionLM:
+    """A masked diffusion LM with its mask and stop tokens.
+
+    ``model`` is what training steps through (possibly wrapped by peft and accelerate); ``shift`` is 1
+    for models whose output at ``i`` predicts token ``i + 1`` (Dream), 0 otherwise. ``reference`` is a
+    frozen copy used as the KL reference for full fine-tuning; with LoRA it stays None and the
+    reference policy is the same model with the adapter disabled.
+    """
+
+    model: nn.Module
+    mask_id: int
+    stop_ids: tuple[int, ...]
+    shift: int = 0
+    reference: nn.Module | None = None
+    native: bool = field(default=False)
+
+    @property
+    def core(self) -> nn.Module:
+        return unwrap(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.core.parameters()).device
+
+    @property
+    def eos_id(self) -> int:
+        """The token used to fill a completion after it has ended."""
+        return self.stop_ids[0]
+
+    # -- logits ---------------------------------------------------------------------------------
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Aligned logits, (B, L, V) or (B, P, V) at ``positions``. ``model`` overrides the module run."""
+        model = self.model if model is None else model
+        if self.native:
+            raw_positions = None
+            if positions is not None:
+                raw_positions = (positions - self.shift).clamp_min(0)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_positions=raw_positions)
+            logits = out.logits
+            if positions is None and self.shift:
+                logits = self._shift(logits)
+            return logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.shift:
+            logits = self._shift(logits)
+        return logits if positions is None else gather_positions(logits, positions)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Aligned features for :meth:`head`: final hidden states (native) or full logits (others)."""
+        if self.native:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True).hidden_states
+            return self._shift(hidden) if self.shift else hidden
+        return self.logits(input_ids, attention_mask)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`encode` features (any leading shape)."""
+        if self.native:
+            return self.core.get_output_embeddings()(features)
+        return features
+
+    @staticmethod
+    def _shift(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], x[:, :-1]], dim=1)
+
+    # -- reference policy -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The module that computes the KL reference policy (no gradients are taken through it)."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        peft_model = _find_peft(self.model)
+        if peft_model is None:
+            raise RuntimeError(
+                "No reference policy: full fine-tuning needs a frozen copy (DiffusionLM.reference) "
+                "and LoRA training a peft model; set rl.beta=0 to train without KL."
+            )
+        with peft_model.disable_adapter():
+            yield self.model
+
+
+def _find_peft(model: nn.Module) -> nn.Module | None:
+    while True:
+        if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+            return model
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return None
