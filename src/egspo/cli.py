@@ -1,6 +1,11 @@
 """The ``egspo`` command line: thin wrappers that parse arguments, call the library and report.
 
     egspo config [--config FILE] [section.field=value ...]   print the resolved configuration
+    egspo new-model --preset tiny --out DIR [--seed N]   write a random-init model + tokenizer
+    egspo train --config FILE [--resume] [section.field=value ...]   RL fine-tuning
+    egspo sft --config FILE [--resume] [section.field=value ...]     masked-diffusion SFT
+    egspo eval --model M [--adapter DIR | --checkpoints RUN] --task T [--gen-lengths 128,256,512]   evaluation
+    egspo score --task T --input FILE.jsonl [--output FILE.jsonl]   score finished completions
 """
 
 from __future__ import annotations
@@ -23,6 +28,83 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from egspo.rl.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, resume=args.resume)
+    logger.info("Run directory: %s", run_dir)
+    return 0
+
+
+def _cmd_new_model(args: argparse.Namespace) -> int:
+    from egspo.models.tiny import new_model
+
+    out = new_model(args.out, preset=args.preset, seed=args.seed)
+    logger.info("Load it with model.name_or_path=%s", out)
+    return 0
+
+
+def _gen_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 128,256,512.")
+    if not lengths or min(lengths) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive completion lengths, e.g. 128,256,512.")
+    return lengths
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from egspo.evaluate import evaluate, format_table, process_state
+
+    cfg = load_config(args.config, args.overrides)
+    flags = {"gen_lengths": args.gen_lengths, "block_length": args.block_length, "steps_ratio": args.steps_ratio,
+             "batch_size": args.batch_size, "limit": args.limit}
+    eval_cfg = dataclasses.replace(cfg.eval, **{k: v for k, v in flags.items() if v is not None})
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=args.model) if args.model else cfg.model
+    output = args.output or (str(Path(args.checkpoints) / "eval") if args.checkpoints else "evals")
+    summary = evaluate(
+        model_cfg, args.task or cfg.task.name, eval_cfg=eval_cfg, output_dir=output,
+        adapter=args.adapter, checkpoints=args.checkpoints, data=args.data or cfg.task.eval_file,
+        num_eval=args.num_eval or cfg.task.num_eval, seed=cfg.train.seed if args.seed is None else args.seed,
+        task_options=cfg.task.options,
+    )
+    if process_state().is_main_process:
+        sys.stdout.write(f"{summary['task']} accuracy (%)\n{format_table(summary)}\n")
+        logger.info("Generations, metrics and summary.json in %s%s", output,
+                    f"; plot {summary['plot']}" if summary["plot"] else "")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from egspo.scoring import score_file
+    from egspo.tasks import get_task
+    from egspo.tasks.data import DataError
+
+    try:
+        summary = score_file(get_task(args.task), args.input, args.output)
+    except DataError as exc:
+        logger.error("%s", exc)
+        return 2
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from egspo.sft import sft
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = sft(cfg, resume=args.resume)
+    logger.info("Run directory: %s", run_dir)
+    return 0
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (sections: model, sampler, rl, task, train, eval).")
     parser.add_argument(
@@ -42,6 +124,74 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="Print the resolved configuration (defaults + file + overrides).")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "train", help="RL fine-tuning (EGSPO-SA, EGSPO or diffu-GRPO); run under `accelerate launch` for several GPUs.",
+        description="RL fine-tuning of a diffusion LM. Checkpoints, metrics.jsonl and the resolved config.yaml "
+        "go to train.output_dir; SIGTERM/Ctrl-C saves a checkpoint and exits; --resume continues exactly.",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in train.output_dir.")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "sft", help="Masked-diffusion SFT on a task's reference completions or a prompt/completion jsonl.",
+        description="Completion-only masked-diffusion SFT (LLaDA/d1 recipe). Uses the model, sampler (gen_length "
+        "= padded completion length), task and train sections of the config; same checkpoints and --resume.",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in train.output_dir.")
+    p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser(
+        "new-model", help="Write a random-init LLaDA-architecture model and its character tokenizer to a directory.",
+        description="Presets: tiny (~3.4M parameters, CPU) and small (~27M, GPU). The directory loads with "
+        "model.name_or_path=DIR or AutoModel/AutoTokenizer.from_pretrained(DIR) after `import egspo`.",
+    )
+    p.add_argument("--preset", default="tiny", choices=("tiny", "small"), help="Model size (default: tiny).")
+    p.add_argument("--out", required=True, help="Output directory (created; existing files are overwritten).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random initialization (default: 0).")
+    p.set_defaults(func=_cmd_new_model)
+
+    p = sub.add_parser(
+        "eval", help="Generate and score a task at several completion lengths: a model, an adapter or every "
+        "checkpoint of a run; resumable; run under `accelerate launch` to spread items over processes.",
+        description="Evaluation with SPEC 6 settings (temperature 0, steps = gen_length * steps ratio, block 32). "
+        "Writes OUTPUT/{variant}/{task}_{L}.generations.jsonl and .metrics.json, OUTPUT/summary.json and, for "
+        "several variants, OUTPUT/{task}_accuracy.png. Rerunning skips items already generated. Flags override "
+        "the eval section of --config.",
+    )
+    p.add_argument("--model", help="Base model: local directory, hub name or builtin:NAME (default: model.name_or_path).")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--adapter", help="Evaluate the base model with this peft adapter (or checkpoint-N) directory.")
+    weights.add_argument("--checkpoints", metavar="RUN_DIR",
+                         help="Evaluate the base model, then every checkpoint-N of this run directory.")
+    p.add_argument("--task", help="Task name (default: task.name).")
+    p.add_argument("--data", help="Test data file or hub dataset (default: task.eval_file, else the task's generator).")
+    p.add_argument("--gen-lengths", type=_gen_lengths, help="Comma-separated completion lengths (default: 128,256,512).")
+    p.add_argument("--block-length", type=int, help="Sampler block length (default: 32).")
+    p.add_argument("--steps-ratio", type=float, help="Denoising steps per completion token (default: 0.5).")
+    p.add_argument("--batch-size", type=int, help="Prompts per generation batch per process (default: 16).")
+    p.add_argument("--limit", type=int, help="Evaluate only the first N items.")
+    p.add_argument("--num-eval", type=int, help="Items drawn from a task generator (default: task.num_eval).")
+    p.add_argument("--output", help="Output directory (default: RUN_DIR/eval with --checkpoints, else ./evals).")
+    p.add_argument("--seed", type=int, help="Seed of generated test items (default: train.seed).")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    from egspo.tasks import TASK_NAMES
+
+    p = sub.add_parser(
+        "score", help="Score finished completions with a task's reward functions and accuracy protocol.",
+        description="Each input line is a JSON object with 'completion' and the task's ground-truth fields "
+        "(gsm8k/math500: answer; countdown: numbers, target; sudoku: puzzle, solution). Prints JSON: "
+        "accuracy (percent), n, the mean of each reward function and of the weighted total. Malformed "
+        "lines exit with code 2 and a message naming the line and field.",
+    )
+    p.add_argument("--task", required=True, choices=TASK_NAMES, help="Task whose rewards and metrics apply.")
+    p.add_argument("--input", required=True, help="JSONL file of completions and ground-truth fields.")
+    p.add_argument("--output", help="Write each input line with its rewards, total and correct flag here (JSONL).")
+    p.set_defaults(func=_cmd_score)
     return parser
 
 

@@ -13,11 +13,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from egspo.tasks.data import get_field
+
 RewardFn = Callable[..., list[float | None]]
 
 SYSTEM_PROMPT = (
     "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 )
+
+
+def chat(question: str, system: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The two-message prompt every built-in task uses."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def format_completion(reasoning: str, answer: str) -> str:
+    """A completion in the requested format (what the strict format reward accepts)."""
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>"
+
+
+def percent_full(scores: Sequence[float | None]) -> float:
+    """Percent of rows whose correctness score is full (1.0): the accuracy of all-or-nothing tasks."""
+    return 100.0 * sum(score is not None and score >= 1.0 - 1e-9 for score in scores) / max(len(scores), 1)
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,18 @@ class Task(ABC):
         ``ValueError`` naming the file and line.
         """
 
+    def parse_truth(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The ground-truth columns of one raw row, checked and normalised (``egspo score`` input, files).
+
+        Raises :class:`egspo.tasks.data.FieldError` naming the missing or bad field. This default only
+        checks that every ``answer_fields`` column is present.
+        """
+        return {name: get_field(fields, name) for name in self.answer_fields}
+
+    def reference_completion(self, row: dict[str, Any]) -> str | None:
+        """A correct completion of the row for supervised warm-up (``egspo sft``), None when unknown."""
+        return None
+
     @abstractmethod
     def messages(self, row: dict[str, Any], for_eval: bool = False) -> list[dict[str, str]]:
         """The chat messages of the prompt for one row (see :func:`egspo.tasks.format_prompt`)."""
@@ -56,3 +85,7 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Evaluation metrics over completions; must include ``accuracy`` in percent (reference protocol)."""
+
+    def reference_completion(self, row: dict[str, Any]) -> str | None:
+        """A correct completion for SFT (tasks with a known solution format), or None."""
+        return None

@@ -1,0 +1,110 @@
+"""Trainable setup of a loaded model: a LoRA adapter or full fine-tuning, and the KL reference policy.
+
+- LoRA (``model.lora=true``, the paper's setting): the base weights stay frozen and the reference policy
+  is the same model with the adapter disabled (:meth:`DiffusionLM.reference_model`), so no second copy
+  of an 8B model is held.
+- Full fine-tuning: every weight trains and, when the objective has a KL term, the reference policy is a
+  frozen deep copy taken before training (:func:`make_reference`).
+
+    dlm = prepare_for_training(dlm, cfg.model, need_reference=cfg.rl.beta > 0)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from egspo.config import ConfigError, ModelConfig
+from egspo.models.adapter import DiffusionLM, unwrap
+
+logger = logging.getLogger(__name__)
+
+#: The linear layers of one transformer block, under each architecture's own names (SPEC §6). Other
+#: architectures get peft's "all-linear".
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "llada": ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
+    "Dream": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def lora_target_modules(model: nn.Module, cfg: ModelConfig) -> list[str] | str:
+    """``cfg.lora_target_modules`` if set (``["all-linear"]`` means peft's "all-linear"), else the defaults."""
+    if cfg.lora_target_modules:
+        return "all-linear" if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    return DEFAULT_LORA_TARGETS.get(model_type, "all-linear")
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
+    """Wrap ``model`` in a LoRA adapter (r, alpha, dropout and targets from ``cfg``); base weights frozen.
+
+    LLaDA names its LM head ``ff_out`` like the blocks' MLP output, so the default name list adapts the
+    head too, exactly as the published d1/EGSPO LoRA setup does (peft matches names by suffix); list
+    the targets explicitly to leave it out. peft's "all-linear" never adapts the head.
+    """
+    core = unwrap(model)
+    targets = lora_target_modules(core, cfg)
+    lora_config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type=None,
+    )
+    try:
+        peft_model = get_peft_model(core, lora_config)
+    except ValueError as exc:
+        raise ConfigError(
+            f"model.lora_target_modules={targets!r} does not match the linear layers of "
+            f"{type(core).__name__}: {exc}"
+        ) from exc
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", cfg.lora_r, targets, trainable, total)
+    return peft_model
+
+
+def make_reference(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` (eval mode, no gradients): the KL reference for full fine-tuning."""
+    reference = copy.deepcopy(unwrap(model))
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute block activations in the backward pass (non-reentrant, so frozen inputs work with LoRA)."""
+    core = unwrap(model)
+    if not getattr(core, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"model.gradient_checkpointing=true but {type(core).__name__} does not support gradient "
+            "checkpointing; set it to false."
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(core, "activation_checkpointing_enable"):  # the new name; the old one warns where both exist
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: bool) -> DiffusionLM:
+    """``dlm`` with its model made trainable as ``cfg`` says (LoRA or full) and the reference policy wired.
+
+    ``need_reference`` (the trainer's call, e.g. ``rl.beta > 0``) only matters for full fine-tuning: with
+    LoRA the reference is the adapter-disabled model at no extra memory.
+    """
+    model = dlm.model
+    reference = None
+    if not cfg.lora:
+        unwrap(model).requires_grad_(True)
+        # Copied before gradient checkpointing is switched on: the reference never runs a backward pass.
+        reference = make_reference(model) if need_reference else None
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    return dataclasses.replace(dlm, model=model, reference=reference)

@@ -1,0 +1,167 @@
+"""Completion-only masked-diffusion SFT (as in LLaDA and d1).
+
+For each example, draw t ~ U(eps, 1], mask every completion token independently with probability t
+(the prompt is never masked), and minimise the cross-entropy on the masked tokens weighted by 1/t,
+normalised by the completion length. Completions are padded with the end token up to
+``sampler.gen_length`` so that the model learns to fill the rest of a fixed-length completion with
+end tokens, which is what the sampler asks of it.
+
+    egspo sft --config configs/sft_sudoku_tiny.yaml
+
+Data: a task's training rows (with the task's reference completion), or a user's jsonl whose rows
+carry ``prompt`` and ``completion`` strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from egspo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from egspo.config import Config, ConfigError, save_config
+from egspo.models.loading import load_model
+from egspo.models.lora import prepare_for_training
+from egspo.rl.batching import encode_prompts
+from egspo.rl.metrics import MetricsWriter
+from egspo.tasks import format_prompt, get_task
+
+logger = logging.getLogger(__name__)
+
+#: Smallest masking probability (avoids dividing by ~0).
+MIN_MASK_PROB = 1e-3
+
+
+def sft_pairs(cfg: Config, tokenizer: Any) -> list[tuple[str, str]]:
+    """(prompt text, completion text) pairs from the configured data."""
+    task = get_task(cfg.task.name)
+    rows = task.load(cfg.task.train_file, "train", cfg.task.num_train, cfg.train.seed, **cfg.task.options)
+    pairs = []
+    for i, row in enumerate(rows):
+        if "prompt" in row and "completion" in row:
+            prompt = format_prompt(tokenizer, [{"role": "user", "content": str(row["prompt"])}])
+            pairs.append((prompt, str(row["completion"])))
+            continue
+        completion = task.reference_completion(row)
+        if completion is None:
+            raise ConfigError(
+                f"SFT row {i} of task {cfg.task.name!r} has no 'completion' field and the task has no reference "
+                "completion for it: give a jsonl of prompt/completion pairs in task.train_file."
+            )
+        pairs.append((format_prompt(tokenizer, task.messages(row)), completion))
+    return pairs
+
+
+def encode_completions(tokenizer: Any, texts: list[str], length: int, eos_id: int, device: torch.device) -> torch.Tensor:
+    """(B, length) completion ids, each ended by and filled with ``eos_id``; too long ones are cut."""
+    out = torch.full((len(texts), length), eos_id, dtype=torch.long)
+    too_long = 0
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+        too_long += len(ids) == length
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    if too_long:
+        logger.warning("%d completion(s) fill all %d positions and have no end token; raise sampler.gen_length.",
+                       too_long, length)
+    return out.to(device)
+
+
+def masked_diffusion_loss(
+    logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, mask_prob: torch.Tensor
+) -> torch.Tensor:
+    """Σ over masked positions of CE / t, divided by the completion length, mean over the batch."""
+    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    weighted = torch.where(masked, ce, torch.zeros_like(ce)) / mask_prob.unsqueeze(1)
+    return (weighted.sum(1) / targets.shape[1]).mean()
+
+
+def sft(cfg: Config, resume: bool = False) -> Path:
+    """Run masked-diffusion SFT; returns the run directory (final weights in its last checkpoint)."""
+    run_dir = Path(cfg.train.output_dir)
+    mixed = cfg.train.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                      log_with=cfg.train.report_to or None, project_dir=str(run_dir))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"train.output_dir={str(run_dir)!r} is not writable: {exc}") from exc
+    set_seed(cfg.train.seed)
+    dlm, tokenizer = load_model(cfg.model, device=acc.device)
+    dlm = prepare_for_training(dlm, cfg.model, need_reference=False)
+    model = dlm.model
+    pairs = sft_pairs(cfg, tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler("constant_with_warmup" if cfg.train.lr_scheduler == "constant" else "cosine",
+                              optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    start = 0
+    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
+                                process_index=acc.process_index)["step"]
+    if acc.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=acc.is_main_process, truncate_after=start)
+
+    batch = cfg.train.per_device_batch_size
+    global_batch = batch * acc.num_processes
+    gen_len = cfg.sampler.gen_length
+    runner = dataclasses.replace(dlm, model=model)
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="egspo sft", disable=not acc.is_main_process)
+    model.train()
+    for step in range(start, cfg.train.max_steps):
+        total = 0.0
+        for micro in range(cfg.train.gradient_accumulation_steps):
+            # examples and masks of (step, micro) depend only on the seed: resume repeats them exactly
+            index = (step * cfg.train.gradient_accumulation_steps + micro) * global_batch
+            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + index)
+            epoch = index // len(pairs)
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
+            picks = [int(order[(index + acc.process_index * batch + j) % len(pairs)]) for j in range(batch)]
+            prompts = [pairs[i][0] for i in picks]
+            ids, mask = encode_prompts(tokenizer, prompts, cfg.task.max_prompt_length, acc.device)
+            targets = encode_completions(tokenizer, [pairs[i][1] for i in picks], gen_len, dlm.eos_id, acc.device)
+            t = torch.rand(batch, generator=gen) * (1 - MIN_MASK_PROB) + MIN_MASK_PROB
+            masked = (torch.rand(batch, gen_len, generator=gen) < t.unsqueeze(1)).to(acc.device)
+            noisy = torch.where(masked, torch.full_like(targets, dlm.mask_id), targets)
+            inputs = torch.cat([ids, noisy], dim=1)
+            attention = torch.cat([mask, torch.ones_like(noisy)], dim=1)
+            positions = torch.arange(ids.shape[1], inputs.shape[1], device=acc.device)
+            with acc.accumulate(model), acc.autocast():
+                logits = runner.logits(inputs, attention, positions)
+                loss = masked_diffusion_loss(logits, targets, masked, t.to(acc.device))
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    if cfg.train.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+        avg = float(acc.reduce(torch.tensor(total / cfg.train.gradient_accumulation_steps, device=acc.device),
+                               reduction="mean"))
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            metrics.write({"step": done, "loss": avg, "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{avg:.4f}")
+        if done == cfg.train.max_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+            save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, config=cfg,
+                            trainer_state={"examples_seen": done * cfg.train.gradient_accumulation_steps * global_batch},
+                            process_index=acc.process_index, num_processes=acc.num_processes,
+                            wait=acc.wait_for_everyone, keep_last=cfg.train.keep_last)
+        if math.isnan(avg):
+            raise RuntimeError(f"SFT loss became NaN at step {done}; lower train.learning_rate.")
+    bar.close()
+    return run_dir
