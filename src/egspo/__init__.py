@@ -6,6 +6,7 @@ classes, so ``AutoModel.from_pretrained(local_llada_dir)`` works without ``trust
 
 import logging
 
+import egspo.models  # noqa: F401  (registers LLaDA and Dream with the transformers Auto classes)
 from egspo.config import Config, load_config
 
 __version__ = "0.1.0"

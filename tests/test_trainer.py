@@ -1,0 +1,142 @@
+"""End-to-end RL trainer tests on a micro LLaDA (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from egspo.config import ConfigError, load_config
+from egspo.models.tiny import new_model
+from egspo.rl.rewards import RewardError
+from egspo.rl.trainer import RLTrainer
+
+MICRO = dict(d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=128)
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory) -> Path:
+    return new_model(tmp_path_factory.mktemp("micro") / "model", preset="tiny", seed=0, **MICRO)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(16)))
+    return path
+
+
+def make_config(model: Path, data: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"model.name_or_path={model}", "model.lora=false",
+        "sampler.gen_length=8", "sampler.block_length=8", "sampler.steps=4", "sampler.temperature=1.0",
+        "rl.num_generations=4", "rl.num_selected_steps=2", "rl.num_iterations=2",
+        "task.name=custom", f"task.train_file={data}", "task.extra_reward_funcs=[tests.reward_fns:count_sevens]",
+        f"train.output_dir={out}", "train.per_device_batch_size=8", "train.gradient_accumulation_steps=2",
+        "train.learning_rate=0.01", "train.max_grad_norm=1.0", "train.max_steps=12", "train.save_every=0",
+        *extra,
+    ])
+
+
+def _sevens(trainer: RLTrainer, n: int = 64) -> float:
+    """Mean reward of n fresh temperature-1 rollouts of the trainer's current policy."""
+    from egspo.sampling import sample
+
+    ids = torch.tensor([trainer.tokenizer("say 1")["input_ids"]] * n)
+    traj = sample(trainer.dlm, ids, trainer.cfg.sampler, generator=torch.Generator().manual_seed(123))
+    texts = trainer.tokenizer.batch_decode(traj.completions, skip_special_tokens=True)
+    return sum(min(1.0, t.count("7") / 8) for t in texts) / n
+
+
+@pytest.mark.parametrize("algorithm", ["egspo_sa", "diffu_grpo"])
+def test_training_raises_a_learnable_reward(micro_model, prompts_file, tmp_path, algorithm):
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", f"rl.algorithm={algorithm}", "train.max_steps=30",
+                      "train.learning_rate=0.003")
+    trainer = RLTrainer(cfg)
+    before = _sevens(trainer)
+    reference = {k: v.clone() for k, v in trainer.dlm.reference.state_dict().items()}
+    initial = {k: v.clone() for k, v in trainer.dlm.core.state_dict().items()}
+    trainer.run()
+    after = _sevens(trainer)
+    assert after > max(before + 0.2, 2 * before), (before, after)
+    changed = [k for k, v in trainer.dlm.core.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed, "parameters must change"
+    assert all(torch.equal(v, reference[k]) for k, v in trainer.dlm.reference.state_dict().items())
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 31))
+    for key in ("reward/mean", "reward/count_sevens/mean", "kl", "clip_fraction", "time/rollout", "time/update"):
+        assert key in lines[-1]
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert (tmp_path / "run" / "checkpoint-30" / "trainable.safetensors").exists()
+
+
+def test_lora_reference_is_the_adapter_free_model(micro_model, prompts_file, tmp_path):
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "model.lora=true", "model.lora_r=4",
+                      "model.lora_alpha=8", "train.max_steps=2")
+    trainer = RLTrainer(cfg)
+    base = {k: v.clone() for k, v in trainer.dlm.core.state_dict().items() if "lora_" not in k}
+    trainer.run()
+    after = trainer.dlm.core.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items()), "base weights stay frozen under LoRA"
+    saved = load_file(str(tmp_path / "run" / "checkpoint-2" / "trainable.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    assert (tmp_path / "run" / "checkpoint-2" / "adapter" / "adapter_config.json").exists()
+
+
+def test_resume_matches_uninterrupted_run(micro_model, prompts_file, tmp_path):
+    straight = make_config(micro_model, prompts_file, tmp_path / "a", "train.max_steps=4", "model.lora=true",
+                           "model.lora_r=4", "model.lora_alpha=8")
+    RLTrainer(straight).run()
+    first = make_config(micro_model, prompts_file, tmp_path / "b", "train.max_steps=4", "train.save_every=2",
+                        "model.lora=true", "model.lora_r=4", "model.lora_alpha=8")
+    interrupted = RLTrainer(first)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_checkpoint(step: int, metrics: dict) -> None:
+        if step == 3:  # dies mid-way between the checkpoint at 2 and the end
+            raise Killed
+
+    with pytest.raises(Killed):
+        interrupted.run(on_step=kill_after_checkpoint)
+    RLTrainer(first, resume=True).run()
+    a = load_file(str(tmp_path / "a" / "checkpoint-4" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint-4" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    ma = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert [m["reward/mean"] for m in ma] == pytest.approx([m["reward/mean"] for m in mb])
+
+
+def test_bad_inputs_fail_early(micro_model, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="rl.num_generations"):
+        make_config(micro_model, prompts_file, tmp_path / "r", "train.per_device_batch_size=6")
+    cfg = make_config(micro_model, prompts_file, tmp_path / "r",
+                      "task.extra_reward_funcs=[tests.reward_fns:broken]", "train.max_steps=1")
+    with pytest.raises(RewardError, match="broken"):
+        RLTrainer(cfg).run()
+    assert not list((tmp_path / "r").glob("checkpoint-*")), "no checkpoint after a failed first step"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="not writable"):
+        RLTrainer(make_config(micro_model, prompts_file, blocker / "run"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
+    with pytest.raises(Exception, match="line 2"):
+        RLTrainer(make_config(micro_model, bad, tmp_path / "r2"))
+
+
+def test_missing_rewards_are_excluded_and_counted(micro_model, prompts_file, tmp_path):
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1",
+                      "task.extra_reward_funcs=[tests.reward_fns:count_sevens,tests.reward_fns:sometimes_none]",
+                      "rl.algorithm=egspo")
+    trainer = RLTrainer(cfg)
+    trainer.run()
+    assert trainer.scorer.missing == {"sometimes_none": 1}
