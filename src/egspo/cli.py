@@ -83,13 +83,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
+    from egspo.rl.rewards import RewardError
     from egspo.scoring import score_file
     from egspo.tasks import get_task
     from egspo.tasks.data import DataError
 
     try:
         summary = score_file(get_task(args.task), args.input, args.output)
-    except DataError as exc:
+    except (DataError, RewardError) as exc:
         logger.error("%s", exc)
         return 2
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")

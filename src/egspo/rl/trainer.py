@@ -34,16 +34,10 @@ from egspo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from egspo.config import Config, ConfigError, save_config
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
-from egspo.ops import token_logprobs
 from egspo.rl.advantages import group_advantages, stepwise_advantages, zero_variance_groups
 from egspo.rl.batching import PromptStream, encode_prompts
-from egspo.rl.losses import (
-    completion_token_mask,
-    diffu_grpo_loss,
-    diffu_grpo_masked_inputs,
-    egspo_step_loss,
-    kl_exact,
-)
+from egspo.rl.estimators import action_logps, masked_completion_logps
+from egspo.rl.losses import completion_token_mask, diffu_grpo_loss, egspo_step_loss, kl_exact
 from egspo.rl.metrics import MetricsWriter, step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
@@ -288,20 +282,6 @@ class RLTrainer:
         metrics["selected_per_rollout"] = float(all_weights.sum(1).mean())
         return adv.to(acc.device), metrics
 
-    def _step_logps(
-        self, traj: Trajectory, steps: torch.Tensor, model: Any = None, with_logits: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(logp (N,), num_tokens (N,), valid (N, P), logits or None) of the actions at ``steps`` (N,)."""
-        states = traj.states(steps)
-        positions, tokens, valid = traj.actions(steps)
-        logits = self.dlm.logits(states, traj.attention_mask, positions, model=model)
-        per_token = token_logprobs(logits, tokens)
-        logp = torch.where(valid, per_token, torch.zeros_like(per_token)).sum(1)
-        num_tokens = valid.sum(1).clamp_min(1)
-        if self.cfg.rl.logp_aggregation == "mean":
-            logp = logp / num_tokens
-        return logp, num_tokens, valid, logits if with_logits else None
-
     def _update_egspo(self, batch: _Batch, selected: SelectedSteps, adv: torch.Tensor) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         traj = batch.traj.to(acc.device)
@@ -309,6 +289,7 @@ class RLTrainer:
         weights_all = selected.weights.to(acc.device)
         per_mb = cfg.rl.steps_per_microbatch
         exact = cfg.rl.kl_estimator == "exact"
+        agg = cfg.rl.logp_aggregation
         sums: dict[str, float] = {}
         n_mb = 0
         self.dlm.model.train()
@@ -327,9 +308,10 @@ class RLTrainer:
             ref_logp, ref_logits = None, None
             if cfg.rl.beta > 0:
                 with torch.no_grad(), self.dlm.reference_model() as ref, acc.autocast():
-                    ref_logp, _, _, ref_logits = self._step_logps(sub, steps, model=ref, with_logits=exact)
+                    ref_logp, _, _, ref_logits = action_logps(self.dlm, sub, steps, aggregation=agg, model=ref,
+                                                              with_logits=exact)
             with acc.accumulate(self.dlm.model), acc.autocast():
-                logp, num_tokens, valid, logits = self._step_logps(sub, steps, with_logits=exact)
+                logp, num_tokens, valid, logits = action_logps(self.dlm, sub, steps, aggregation=agg, with_logits=exact)
                 kl = kl_exact(logits, ref_logits, valid) if exact and ref_logits is not None else None
                 loss, stats = egspo_step_loss(
                     logp, old, ref_logp, advantages, weights, num_tokens,
@@ -346,15 +328,6 @@ class RLTrainer:
 
     # -- diffu-GRPO ---------------------------------------------------------------------------------
 
-    def _masked_logps(self, traj: Trajectory, seed: int, model: Any = None) -> torch.Tensor:
-        masked = diffu_grpo_masked_inputs(
-            traj.sequences, traj.prompt_length, mask_id=self.dlm.mask_id, p_mask_prompt=self.cfg.rl.p_mask_prompt,
-            seed=seed, prompt_attention_mask=traj.attention_mask[:, : traj.prompt_length],
-        )
-        positions = torch.arange(traj.prompt_length, traj.sequences.shape[1], device=traj.sequences.device)
-        logits = self.dlm.logits(masked, traj.attention_mask, positions, model=model)
-        return token_logprobs(logits, traj.completions)
-
     def _update_diffu_grpo(self, batch: _Batch, all_rewards: torch.Tensor, step: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         traj = batch.traj.to(acc.device)
@@ -364,21 +337,22 @@ class RLTrainer:
         token_mask = completion_token_mask(traj.completions, self.dlm.stop_ids)
         seed_gen = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
         seeds = torch.randint(0, 2**31 - 1, (cfg.rl.num_iterations,), generator=seed_gen).tolist()
+        p_mask = cfg.rl.p_mask_prompt
         self.dlm.model.eval()
         old, ref = [], []
         with torch.no_grad(), acc.autocast():
             for seed in seeds:
-                old.append(self._masked_logps(traj, seed) if cfg.rl.num_iterations > 1 else None)
+                old.append(masked_completion_logps(self.dlm, traj, seed, p_mask) if cfg.rl.num_iterations > 1 else None)
                 if cfg.rl.beta > 0:
                     with self.dlm.reference_model() as ref_model:
-                        ref.append(self._masked_logps(traj, seed, model=ref_model))
+                        ref.append(masked_completion_logps(self.dlm, traj, seed, p_mask, model=ref_model))
                 else:
                     ref.append(None)
         self.dlm.model.train()
         sums: dict[str, float] = {}
         for i, seed in enumerate(seeds):
             with acc.accumulate(self.dlm.model), acc.autocast():
-                logp = self._masked_logps(traj, seed)
+                logp = masked_completion_logps(self.dlm, traj, seed, p_mask)
                 old_i = old[i] if old[i] is not None else logp.detach()
                 loss, stats = diffu_grpo_loss(logp, old_i, ref[i], adv, token_mask,
                                               eps=cfg.rl.epsilon_high, beta=cfg.rl.beta)

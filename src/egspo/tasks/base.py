@@ -85,7 +85,3 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Evaluation metrics over completions; must include ``accuracy`` in percent (reference protocol)."""
-
-    def reference_completion(self, row: dict[str, Any]) -> str | None:
-        """A correct completion for SFT (tasks with a known solution format), or None."""
-        return None

@@ -1,0 +1,216 @@
+"""Countdown: combine the given numbers, each exactly once, with + - * / to reach the target.
+
+Reward (reference values): 1.0 when the final answer is an expression that uses exactly the given
+numbers once each and equals the target (|value - target| < 1e-5); 0.1 when an answer is present but
+wrong (bad numbers, bad value, not an allowed expression, division by zero); 0 without an answer.
+Expressions are evaluated exactly (fractions) by walking Python's AST with a whitelist of numbers,
++ - * /, parentheses and unary minus: never ``eval``. ``"3+4*5=23"`` is read as its left side.
+
+Rows: ``question``, ``numbers`` (list of int), ``target`` (int); files may also use the reference
+format ``{"input": "a,b,c", "output": "t"}`` or Countdown-Tasks' ``nums``. Generated rows also carry
+``expression``, one solution (the one the target was built from).
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from egspo.tasks.answers import final_answer
+from egspo.tasks.base import RewardFunction, Task, chat, format_completion, percent_full
+from egspo.tasks.data import FieldError, as_int, check_split, generator_rng, get_field, load_rows, split_of
+
+WRONG_ANSWER_SCORE = 0.1
+NUMBER_RANGE = (1, 100)  # numbers and targets, as in the reference test set
+_MAX_EXPRESSION_CHARS = 200  # bounds the parser's recursion and the size of exact intermediate values
+_ALLOWED_CHARS = re.compile(r"[0-9 \t\n+\-*/().]+")
+_SYMBOLS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "×": "*", "·": "*", "÷": "/", "−": "-"}
+_OPERATIONS: dict[str, Callable[[Fraction, Fraction], Fraction]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+}
+_AST_OPERATORS: dict[type[ast.operator], str] = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+class ExpressionError(ValueError):
+    """The text is not an arithmetic expression of numbers, + - * /, parentheses and unary minus."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluated expression: its exact value, its number literals and each operation as "a-b=c"."""
+
+    value: Fraction
+    literals: list[Fraction]
+    steps: list[str]
+
+
+def evaluate_expression(expression: str) -> Evaluation:
+    """Evaluate an arithmetic expression exactly; :class:`ExpressionError` for anything else."""
+    if len(expression) > _MAX_EXPRESSION_CHARS or not _ALLOWED_CHARS.fullmatch(expression):
+        raise ExpressionError(f"not an arithmetic expression: {expression[:50]!r}")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, RecursionError) as exc:
+        raise ExpressionError(f"cannot parse {expression[:50]!r}") from exc
+    literals: list[Fraction] = []
+    steps: list[str] = []
+
+    # The character whitelist already excludes names, calls and strings; the walk is what guarantees
+    # that nothing but arithmetic on numbers is ever evaluated.
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPERATORS:
+            left, right = value(node.left), value(node.right)
+            symbol = _AST_OPERATORS[type(node.op)]
+            if symbol == "/" and right == 0:
+                raise ExpressionError("division by zero")
+            result = _OPERATIONS[symbol](left, right)
+            steps.append(f"{left}{symbol}{right}={result}")
+            return result
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            literals.append(Fraction(str(node.value)))
+            return literals[-1]
+        what = type(node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else node).__name__
+        raise ExpressionError(f"{what} is not allowed in an expression")
+
+    return Evaluation(value(tree.body), literals, steps)
+
+
+def extract_expression(completion: str) -> str | None:
+    """The expression of the final answer: left of any ``=``, common operator symbols made ASCII."""
+    answer = final_answer(completion)
+    if not answer:
+        return None
+    for symbol, ascii_op in _SYMBOLS.items():
+        answer = answer.replace(symbol, ascii_op)
+    return answer.split("=", 1)[0].strip()
+
+
+def countdown_score(completion: str, numbers: Sequence[int], target: int) -> float:
+    """1.0 correct, 0.1 an answer that is wrong, 0.0 no answer (see the module docstring)."""
+    expression = extract_expression(completion)
+    if expression is None:
+        return 0.0
+    try:
+        evaluation = evaluate_expression(expression)
+    except ExpressionError:
+        return WRONG_ANSWER_SCORE
+    if sorted(evaluation.literals) == sorted(numbers) and abs(evaluation.value - target) < 1e-5:
+        return 1.0
+    return WRONG_ANSWER_SCORE
+
+
+def countdown_reward(
+    prompts: Sequence[str], completions: Sequence[str], numbers: Sequence[Sequence[int]],
+    target: Sequence[int], **_: Any,
+) -> list[float]:
+    return [countdown_score(c, n, t) for c, n, t in zip(completions, numbers, target)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generator
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_ATOM = 3
+
+
+def random_expression(rng: random.Random, numbers: Sequence[int]) -> tuple[str, Fraction]:
+    """A random expression using each number once (any tree shape), with minimal parentheses."""
+    # Each term: (value, text, precedence of its outermost operator).
+    terms = [(Fraction(x), str(x), _ATOM) for x in numbers]
+    while len(terms) > 1:
+        i, j = rng.sample(range(len(terms)), 2)
+        (left, left_text, left_prec), (right, right_text, right_prec) = terms[i], terms[j]
+        op = rng.choice("+-*" if right == 0 else "+-*/")
+        prec = _PRECEDENCE[op]
+        if left_prec < prec:
+            left_text = f"({left_text})"
+        if right_prec < prec or (right_prec == prec and op in "-/"):
+            right_text = f"({right_text})"
+        combined = (_OPERATIONS[op](left, right), f"{left_text}{op}{right_text}", prec)
+        terms = [term for k, term in enumerate(terms) if k not in (i, j)] + [combined]
+    value, text, _ = terms[0]
+    return text, value
+
+
+def countdown_question(numbers: Sequence[int], target: int) -> str:
+    return f"Using the numbers {list(numbers)} once each with + - * /, make {target}."
+
+
+def generate_countdown(n: int, split: str, seed: int, num_numbers: int = 3) -> list[dict[str, Any]]:
+    """``n`` distinct problems whose target (a positive integer up to 100) is reachable by construction."""
+    rng = generator_rng("countdown", split, seed)
+    low, high = NUMBER_RANGE
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        numbers = [rng.randint(low, high) for _ in range(num_numbers)]
+        expression, value = random_expression(rng, numbers)
+        if value.denominator != 1 or not low <= value <= high:
+            continue
+        target = int(value)
+        key = f"{sorted(numbers)}={target}"
+        if key in seen or split_of(key) != split:
+            continue
+        seen.add(key)
+        rows.append({"question": countdown_question(numbers, target), "numbers": numbers, "target": target,
+                     "expression": expression})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task
+
+
+class CountdownTask(Task):
+    name = "countdown"
+    answer_fields = ("numbers", "target")
+
+    def load(self, source: str | None, split: str, n: int, seed: int, num_numbers: int = 3) -> list[dict[str, Any]]:
+        """Rows from ``source``, or ``n`` generated problems of ``num_numbers`` (3 or 4) numbers."""
+        check_split(split)
+        if source is not None:
+            return load_rows(source, split, self.to_row)
+        if num_numbers not in (3, 4):
+            raise ValueError(f"countdown option num_numbers={num_numbers!r} must be 3 or 4.")
+        return generate_countdown(n, split, seed, num_numbers)
+
+    def to_row(self, fields: dict[str, Any]) -> dict[str, Any]:
+        truth = self.parse_truth(fields)
+        return {"question": countdown_question(truth["numbers"], truth["target"]), **truth}
+
+    def parse_truth(self, fields: dict[str, Any]) -> dict[str, Any]:
+        raw = get_field(fields, "numbers", "nums", "input")
+        if isinstance(raw, str):
+            items: list[Any] = [item for item in re.split(r"[,\s]+", raw.strip(" []")) if item]
+        elif isinstance(raw, (list, tuple)):
+            items = list(raw)
+        else:
+            raise FieldError("numbers", f"must be a list of integers or 'a,b,c', got {raw!r}")
+        if not items:
+            raise FieldError("numbers", "is empty")
+        numbers = [as_int(item, "numbers") for item in items]
+        return {"numbers": numbers, "target": as_int(get_field(fields, "target", "output"), "target")}
+
+    def reference_completion(self, row: dict[str, Any]) -> str | None:
+        """The generating expression, its operations as reasoning (generated rows only)."""
+        if not row.get("expression"):
+            return None
+        return format_completion("\n".join(evaluate_expression(row["expression"]).steps), row["expression"])
+
+    def messages(self, row: dict[str, Any], for_eval: bool = False) -> list[dict[str, str]]:
+        return chat(row["question"])
+
+    def reward_functions(self) -> list[RewardFunction]:
+        return [RewardFunction("correctness", countdown_reward, weight=1.0, correctness=True)]
+
+    def metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+        scores = [countdown_score(c, row["numbers"], row["target"]) for c, row in zip(completions, rows)]
+        return {"accuracy": percent_full(scores)}
