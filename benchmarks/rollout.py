@@ -33,12 +33,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model forward (fixed shapes).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dlm = random_llada(args.shape, device, dtype)
+    if args.compile:
+        dlm.model = torch.compile(dlm.model, dynamic=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base_mem = torch.cuda.memory_allocated()
@@ -48,7 +51,15 @@ def main() -> None:
     cfg = SamplerConfig(gen_length=args.gen_length, block_length=args.block, steps=args.steps,
                         temperature=args.temperature)
     generator = torch.Generator(device=device).manual_seed(0)
-    seconds, traj = timed(lambda: sample(dlm, prompts, cfg, generator=generator), device, repeat=args.repeat)
+    # warm up kernels and the allocator on one block, then time the full rollout
+    warm = SamplerConfig(gen_length=args.block, block_length=args.block, steps=cfg.steps_per_block,
+                         temperature=args.temperature)
+    sample(dlm, prompts, warm, generator=generator)
+    with torch.no_grad():  # the full-length shape too (compiles it when --compile)
+        full = torch.cat([prompts, torch.full((args.batch, args.gen_length), dlm.mask_id, device=device)], 1)
+        dlm.encode(full)
+    seconds, traj = timed(lambda: sample(dlm, prompts, cfg, generator=generator), device, repeat=args.repeat,
+                          warmup=0)
     length = args.prompt_len + args.gen_length
     nominal = args.steps * forward_flops(dlm, args.batch, length)
     # what the sampler computes: the body every step, the head on the block + the still-masked tail
@@ -61,7 +72,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "batch": args.batch, "prompt_len": args.prompt_len, "gen_length": args.gen_length,
-        "block": args.block, "steps": args.steps,
+        "block": args.block, "steps": args.steps, "compile": args.compile,
         "seconds": round(seconds, 4),
         "sequences_per_s": round(args.batch / seconds, 3),
         "forwards_per_s": round(args.steps / seconds, 3),

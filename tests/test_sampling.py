@@ -119,3 +119,14 @@ def test_stop_at_eos_forces_end_tokens_consistently(bert_dlm):
     assert torch.equal(counts, traj.tokens_per_step)
     assert (traj.step_logps[traj.forced] == 0).all()
     assert (traj.last_content_step <= 1).all()
+
+
+def test_greedy_recording_can_be_skipped_without_changing_the_rollout(bert_dlm):
+    cfg = SamplerConfig(gen_length=16, block_length=8, steps=8, temperature=1.0)
+    prompts = _prompts(2, 4)
+    full = sample(bert_dlm, prompts, cfg, generator=torch.Generator().manual_seed(5))
+    lean = sample(bert_dlm, prompts, cfg, generator=torch.Generator().manual_seed(5), record_greedy=False)
+    assert lean.greedy is None
+    assert torch.equal(full.sequences, lean.sequences) and torch.equal(full.step_logps, lean.step_logps)
+    with pytest.raises(ValueError, match="record_greedy"):
+        lean.greedy_completions(torch.zeros(2, 1, dtype=torch.long))

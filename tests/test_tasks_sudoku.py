@@ -140,3 +140,14 @@ def test_reference_test_set_loads():
     # reference protocol scores only the listed one, so a valid alternative counts as wrong there.
     counts = [_brute_force_count(row["puzzle"]) for row in rows]
     assert min(counts) == 1 and sum(c == 1 for c in counts) == 376
+
+
+def test_compact_option_drops_system_prompt_and_reasoning():
+    from egspo.tasks import get_task
+
+    task = get_task("sudoku")
+    row = task.load(None, "train", 1, 0, compact=True)[0]
+    assert task.messages(row) == [{"role": "user", "content": row["question"]}]
+    completion = task.reference_completion(row)
+    assert completion == f"<answer>\n{row['solution']}\n</answer>"
+    assert task.reward_functions()[0].fn(prompts=[""], completions=[completion], **{k: [v] for k, v in row.items()}) == [1.0]

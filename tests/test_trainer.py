@@ -103,6 +103,8 @@ def test_resume_matches_uninterrupted_run(micro_model, prompts_file, tmp_path):
 
     with pytest.raises(Killed):
         interrupted.run(on_step=kill_after_checkpoint)
+    with pytest.raises(ConfigError, match="--resume"):
+        RLTrainer(first)  # a new run over old checkpoints is refused
     RLTrainer(first, resume=True).run()
     a = load_file(str(tmp_path / "a" / "checkpoint-4" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoint-4" / "trainable.safetensors"))
@@ -117,7 +119,7 @@ def test_resume_matches_uninterrupted_run(micro_model, prompts_file, tmp_path):
 
 def test_bad_inputs_fail_early(micro_model, prompts_file, tmp_path):
     with pytest.raises(ConfigError, match="rl.num_generations"):
-        make_config(micro_model, prompts_file, tmp_path / "r", "train.per_device_batch_size=6")
+        RLTrainer(make_config(micro_model, prompts_file, tmp_path / "r0", "train.per_device_batch_size=6"))
     cfg = make_config(micro_model, prompts_file, tmp_path / "r",
                       "task.extra_reward_funcs=[tests.reward_fns:broken]", "train.max_steps=1")
     with pytest.raises(RewardError, match="broken"):

@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from egspo.config import Config, save_config
-from egspo.models.adapter import unwrap
+from egspo.config import Config, ConfigError, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +40,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def check_fresh_or_resume(run_dir: str | Path, resume: bool) -> None:
+    """Refuse to start a new run over an old run's checkpoints (they would be mixed and pruned)."""
+    existing = latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise ConfigError(
+            f"train.output_dir={str(run_dir)!r} already holds checkpoints (latest: {existing.name}): pass --resume "
+            "to continue that run, or choose another train.output_dir."
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,6 +97,7 @@ def save_checkpoint(
     num_processes: int = 1,
     wait: Any = None,
     keep_last: int | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``checkpoint-{step}`` atomically. Every process calls it (each saves its RNG state).
 
@@ -104,10 +114,10 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_state_{process_index}.pt")
     if process_index == 0:
         inner = unwrap_model_keep_peft(model)
-        if hasattr(inner, "peft_config"):
-            inner.save_pretrained(tmp / "adapter")
-        else:
-            inner.save_pretrained(tmp / "model")
+        weights_dir = tmp / ("adapter" if hasattr(inner, "peft_config") else "model")
+        inner.save_pretrained(weights_dir)
+        if tokenizer is not None:  # a checkpoint directory then loads on its own
+            tokenizer.save_pretrained(weights_dir)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

@@ -1,5 +1,6 @@
 """The ``egspo`` command line: thin wrappers that parse arguments, call the library and report.
 
+    egspo demo [--out DIR] [section.field=value ...]   the built-in default job (CPU, minutes)
     egspo config [--config FILE] [section.field=value ...]   print the resolved configuration
     egspo new-model --preset tiny --out DIR [--seed N]   write a random-init model + tokenizer
     egspo train --config FILE [--resume] [section.field=value ...]   RL fine-tuning
@@ -49,7 +50,7 @@ def _gen_lengths(text: str) -> list[int]:
     try:
         lengths = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 128,256,512.")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (128,256,512).") from None
     if not lengths or min(lengths) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give positive completion lengths, e.g. 128,256,512.")
     return lengths
@@ -67,11 +68,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     eval_cfg = dataclasses.replace(cfg.eval, **{k: v for k, v in flags.items() if v is not None})
     model_cfg = dataclasses.replace(cfg.model, name_or_path=args.model) if args.model else cfg.model
     output = args.output or (str(Path(args.checkpoints) / "eval") if args.checkpoints else "evals")
+    task = args.task or cfg.task.name
+    # the config's data file and task options belong to its own task only
+    same_task = task == cfg.task.name
     summary = evaluate(
-        model_cfg, args.task or cfg.task.name, eval_cfg=eval_cfg, output_dir=output,
-        adapter=args.adapter, checkpoints=args.checkpoints, data=args.data or cfg.task.eval_file,
+        model_cfg, task, eval_cfg=eval_cfg, output_dir=output,
+        adapter=args.adapter, checkpoints=args.checkpoints,
+        data=args.data or (cfg.task.eval_file if same_task else None),
         num_eval=args.num_eval or cfg.task.num_eval, seed=cfg.train.seed if args.seed is None else args.seed,
-        task_options=cfg.task.options,
+        task_options=cfg.task.options if same_task else None,
     )
     if process_state().is_main_process:
         sys.stdout.write(f"{summary['task']} accuracy (%)\n{format_table(summary)}\n")
@@ -106,6 +111,15 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from egspo.demo import format_table, run_demo
+
+    results = run_demo(args.overrides, args.out)
+    sys.stdout.write("\n" + format_table(results["base"], results["trained"]) + "\n")
+    sys.stdout.write(f"\nTotal {results['total_seconds']:.0f} s. Report: {results['report']}\n")
+    return 0
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (sections: model, sampler, rl, task, train, eval).")
     parser.add_argument(
@@ -121,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo", help="The built-in default: EGSPO-SA on 4x4 Sudoku from the shipped tiny model, on CPU, in minutes.",
+        description="Evaluate the shipped tiny Sudoku model, train it with EGSPO-SA, evaluate again, and write a "
+        "table, a training curve (PNG) and report.md into the run directory.",
+    )
+    p.add_argument("--out", default=None, help="Run directory (default: runs/demo, or runs/demo-N if taken).")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="Overrides of the packaged demo config, e.g. train.max_steps=20.")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("config", help="Print the resolved configuration (defaults + file + overrides).")
     _add_config_args(p)
@@ -162,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         "several variants, OUTPUT/{task}_accuracy.png. Rerunning skips items already generated. Flags override "
         "the eval section of --config.",
     )
-    p.add_argument("--model", help="Base model: local directory, hub name or builtin:NAME (default: model.name_or_path).")
+    p.add_argument("--model", help="Base model: directory, hub name or builtin:NAME (default: model.name_or_path).")
     weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--adapter", help="Evaluate the base model with this peft adapter (or checkpoint-N) directory.")
+    weights.add_argument("--adapter", help="Evaluate the base model with this peft adapter (or checkpoint) directory.")
     weights.add_argument("--checkpoints", metavar="RUN_DIR",
                          help="Evaluate the base model, then every checkpoint-N of this run directory.")
     p.add_argument("--task", help="Task name (default: task.name).")
     p.add_argument("--data", help="Test data file or hub dataset (default: task.eval_file, else the task's generator).")
-    p.add_argument("--gen-lengths", type=_gen_lengths, help="Comma-separated completion lengths (default: 128,256,512).")
+    p.add_argument("--gen-lengths", type=_gen_lengths, help="Comma-separated completion lengths (default 128,256,512).")
     p.add_argument("--block-length", type=int, help="Sampler block length (default: 32).")
     p.add_argument("--steps-ratio", type=float, help="Denoising steps per completion token (default: 0.5).")
     p.add_argument("--batch-size", type=int, help="Prompts per generation batch per process (default: 16).")

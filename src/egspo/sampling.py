@@ -64,8 +64,13 @@ def sample(
     config: SamplerConfig,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    record_greedy: bool = True,
 ) -> Trajectory:
-    """Roll out completions for left-padded ``prompt_ids`` (B, L_p) and record the trajectory."""
+    """Roll out completions for left-padded ``prompt_ids`` (B, L_p) and record the trajectory.
+
+    ``record_greedy=False`` skips the one-step greedy completions (``traj.greedy`` is then None): they
+    cost an LM-head pass over the masked tail per step and only EGSPO-SA's step rewards use them.
+    """
     device = prompt_ids.device
     batch, prompt_len = prompt_ids.shape
     gen_len, block_len, steps = config.gen_length, config.block_length, config.steps
@@ -87,7 +92,7 @@ def sample(
     position_entropy = torch.zeros(batch, gen_len, device=device)
     step_logps = torch.zeros(batch, steps, device=device)
     step_entropy = torch.zeros(batch, steps, device=device)
-    greedy = torch.empty(batch, steps, gen_len, dtype=torch.long, device=device)
+    greedy = torch.empty(batch, steps, gen_len, dtype=torch.long, device=device) if record_greedy else None
     forced = torch.zeros(batch, steps, dtype=torch.bool, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
@@ -150,7 +155,7 @@ def _model_step(
     position_entropy: torch.Tensor,
     step_logps: torch.Tensor,
     step_entropy: torch.Tensor,
-    greedy: torch.Tensor,
+    greedy: torch.Tensor | None,
 ) -> None:
     """One denoising step for the ``active`` rows: commit ``n`` tokens of block [lo, hi) and record it."""
     everyone = active.numel() == x.shape[0]
@@ -178,15 +183,17 @@ def _model_step(
     eligible = xa[:, lo:hi] == dlm.mask_id
     chosen = _top_n(torch.where(eligible, confidence, torch.full_like(confidence, float("-inf"))), n)
 
-    # one-step greedy completion of s_t: argmax at every masked completion position, chunked
-    greedy_a = xa[:, prompt_len:].clone()
     rel_lo, rel_hi = lo - prompt_len, hi - prompt_len
-    greedy_a[:, rel_lo:rel_hi] = torch.where(eligible, block_greedy, greedy_a[:, rel_lo:rel_hi])
-    chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, xa.shape[0] * vocab))
-    for start in range(hi, x.shape[1], chunk):
-        stop = min(start + chunk, x.shape[1])
-        chunk_logits = _without_mask(dlm.head(features[:, start:stop]), dlm.mask_id)
-        greedy_a[:, start - prompt_len : stop - prompt_len] = chunk_logits.argmax(-1)
+    if greedy is not None:
+        # one-step greedy completion of s_t: argmax at every masked completion position, chunked
+        greedy_a = xa[:, prompt_len:].clone()
+        greedy_a[:, rel_lo:rel_hi] = torch.where(eligible, block_greedy, greedy_a[:, rel_lo:rel_hi])
+        chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, xa.shape[0] * vocab))
+        for start in range(hi, x.shape[1], chunk):
+            stop = min(start + chunk, x.shape[1])
+            chunk_logits = _without_mask(dlm.head(features[:, start:stop]), dlm.mask_id)
+            greedy_a[:, start - prompt_len : stop - prompt_len] = chunk_logits.argmax(-1)
+        greedy[active, t] = greedy_a
     del features
 
     new_block = torch.where(chosen, candidates, xa[:, lo:hi])
@@ -199,7 +206,6 @@ def _model_step(
     position_entropy[active, rel_lo:rel_hi] = torch.where(chosen, entropies, pos_ent)
     step_logps[active, t] = (logps * chosen_f).sum(1)
     step_entropy[active, t] = (entropies * chosen_f).sum(1) / n
-    greedy[active, t] = greedy_a
     x[active, lo:hi] = new_block
 
 
@@ -213,7 +219,7 @@ def _force_end(
     eos_id: int,
     mask_id: int,
     step_of_position: torch.Tensor,
-    greedy: torch.Tensor,
+    greedy: torch.Tensor | None,
     forced: torch.Tensor,
     prompt_len: int,
 ) -> None:
@@ -223,7 +229,8 @@ def _force_end(
     # leftmost first: score masked positions by descending index order
     position_score = torch.arange(hi - lo, 0, -1, device=x.device, dtype=torch.float).expand_as(block)
     chosen = _top_n(torch.where(masked, position_score, torch.full_like(position_score, float("-inf"))), n)
-    greedy[done, t] = torch.where(x[done, prompt_len:] == mask_id, eos_id, x[done, prompt_len:])
+    if greedy is not None:
+        greedy[done, t] = torch.where(x[done, prompt_len:] == mask_id, eos_id, x[done, prompt_len:])
     block_steps = step_of_position[done, lo - prompt_len : hi - prompt_len]
     step_of_position[done, lo - prompt_len : hi - prompt_len] = torch.where(chosen, t, block_steps)
     x[done, lo:hi] = torch.where(chosen, eos_id, block)

@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from egspo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from egspo.config import Config, ConfigError, save_config
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
@@ -95,6 +95,7 @@ def sft(cfg: Config, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"train.output_dir={str(run_dir)!r} is not writable: {exc}") from exc
+    check_fresh_or_resume(run_dir, resume)
     set_seed(cfg.train.seed)
     dlm, tokenizer = load_model(cfg.model, device=acc.device)
     dlm = prepare_for_training(dlm, cfg.model, need_reference=False)
@@ -160,7 +161,7 @@ def sft(cfg: Config, resume: bool = False) -> Path:
             save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, config=cfg,
                             trainer_state={"examples_seen": done * cfg.train.gradient_accumulation_steps * global_batch},
                             process_index=acc.process_index, num_processes=acc.num_processes,
-                            wait=acc.wait_for_everyone, keep_last=cfg.train.keep_last)
+                            wait=acc.wait_for_everyone, keep_last=cfg.train.keep_last, tokenizer=tokenizer)
         if math.isnan(avg):
             raise RuntimeError(f"SFT loss became NaN at step {done}; lower train.learning_rate.")
     bar.close()

@@ -27,7 +27,7 @@ class Trajectory:
     position_entropy: torch.Tensor  # (B, L_c) float: entropy (nats) at each position when committed
     step_logps: torch.Tensor  # (B, T) float: sum of position_logps committed at each step
     step_entropy: torch.Tensor  # (B, T) float: mean entropy over the positions committed at each step
-    greedy: torch.Tensor  # (B, T, L_c) long: one-step greedy completion from s_t
+    greedy: torch.Tensor | None  # (B, T, L_c) long: one-step greedy completion from s_t (None if not recorded)
     tokens_per_step: torch.Tensor  # (B, T) long: tokens committed at each step
     forced: torch.Tensor  # (B, T) bool: step committed end tokens without the model (row had ended)
     last_content_step: torch.Tensor  # (B,) long: last step that committed a non-end token (0 if none)
@@ -77,6 +77,8 @@ class Trajectory:
 
     def greedy_completions(self, steps: torch.Tensor) -> torch.Tensor:
         """One-step greedy completions at ``steps`` (B, K) -> (B, K, L_c)."""
+        if self.greedy is None:
+            raise ValueError("This trajectory was sampled with record_greedy=False.")
         index = steps.unsqueeze(-1).expand(-1, -1, self.completion_length)
         return self.greedy.gather(1, index)
 

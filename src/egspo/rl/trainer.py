@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from egspo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from egspo.config import Config, ConfigError, save_config
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
@@ -122,6 +122,7 @@ class RLTrainer:
                 f"{cfg.train.gradient_accumulation_steps}: gradients would carry over between rollout batches."
             )
         _check_output_dir(self.run_dir)
+        check_fresh_or_resume(self.run_dir, resume)
         set_seed(cfg.train.seed)
 
         self.task = get_task(cfg.task.name)
@@ -178,7 +179,8 @@ class RLTrainer:
         generator = torch.Generator(device=acc.device).manual_seed(
             cfg.train.seed * 1_000_003 + step * 1009 + acc.process_index)
         with acc.autocast():
-            traj = sample(self.dlm, ids, cfg.sampler, attention_mask=mask, generator=generator)
+            traj = sample(self.dlm, ids, cfg.sampler, attention_mask=mask, generator=generator,
+                          record_greedy=cfg.rl.algorithm != "diffu_grpo" and bool(cfg.rl.stepwise_lambda))
         completions = self.tokenizer.batch_decode(traj.completions, skip_special_tokens=True)
         return _Batch(rows=rows, prompts=prompts, traj=traj, completions=completions)
 
@@ -389,7 +391,7 @@ class RLTrainer:
             self.run_dir, step, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler,
             config=self.cfg, trainer_state={"data_position": step * self.stream.prompts_per_step},
             process_index=acc.process_index, num_processes=acc.num_processes, wait=acc.wait_for_everyone,
-            keep_last=self.cfg.train.keep_last,
+            keep_last=self.cfg.train.keep_last, tokenizer=self.tokenizer,
         )
 
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:

@@ -178,10 +178,15 @@ class SudokuTask(Task):
     name = "sudoku"
     answer_fields = ("puzzle", "solution")
 
+    #: compact format (option ``compact: true``): no system prompt, and the reference completion is the
+    #: bare ``<answer>`` block. Small models learn and sample it in a fraction of the tokens.
+    compact: bool = False
+
     def load(
-        self, source: str | None, split: str, n: int, seed: int, blanks: int = DEFAULT_BLANKS
+        self, source: str | None, split: str, n: int, seed: int, blanks: int = DEFAULT_BLANKS, compact: bool = False
     ) -> list[dict[str, Any]]:
         """Rows from ``source``, or ``n`` generated puzzles with ``blanks`` empty cells (1 to 12)."""
+        self.compact = bool(compact)
         check_split(split)
         if source is not None:
             return load_rows(source, split, self.to_row)
@@ -205,10 +210,14 @@ class SudokuTask(Task):
     def reference_completion(self, row: dict[str, Any]) -> str | None:
         """The solution, with the filled cells listed as reasoning ("r1c3=4 ...")."""
         puzzle, solution = row["puzzle"], row["solution"]
+        if self.compact:
+            return f"<answer>\n{solution}\n</answer>"
         filled = [f"r{i // 4 + 1}c{i % 4 + 1}={solution[i]}" for i, c in enumerate(puzzle) if c == "0"]
         return format_completion(" ".join(filled), solution)
 
     def messages(self, row: dict[str, Any], for_eval: bool = False) -> list[dict[str, str]]:
+        if self.compact:
+            return [{"role": "user", "content": row["question"]}]
         return chat(row["question"])
 
     def reward_functions(self) -> list[RewardFunction]:
