@@ -34,7 +34,6 @@ def test_yaml_and_overrides_roundtrip(tmp_path):
         (["rl.nonsense=3"], "Unknown config key rl.nonsense"),
         (["rl.bet=3"], "Did you mean rl.beta"),
         (["modle.dtype=auto"], "Did you mean model"),
-        (["train.per_device_batch_size=6"], "rl.num_generations=8"),
         (["rl.algorithm=egspo", "rl.stepwise_lambda=0.5"], "plain EGSPO has lambda 0"),
         (["train.learning_rate=abc"], "train.learning_rate must be a number"),
         (["rl.algorithm=ppo"], "rl.algorithm='ppo'"),
@@ -53,7 +52,13 @@ def test_eval_sampler_uses_half_length_steps():
 
 
 def test_global_batch_checked_against_processes():
-    cfg = load_config(None, ["train.per_device_batch_size=4", "rl.num_generations=4"])
-    cfg.validate(num_processes=2)
-    with pytest.raises(ConfigError):
-        load_config(None, ["train.per_device_batch_size=6", "rl.num_generations=4"])
+    # The global batch (per device x processes) is known only at launch: loading checks nothing about it,
+    # validate(num_processes) (called by the trainer) does. The SPEC §6 shape: 6 per device, G = 8, 8 GPUs.
+    cfg = load_config(None, ["train.per_device_batch_size=6", "rl.num_generations=8"])
+    cfg.validate(num_processes=8)
+    cfg.validate(num_processes=4)
+    for processes in (1, 2, 3):
+        with pytest.raises(ConfigError, match="rl.num_generations=8") as info:
+            cfg.validate(num_processes=processes)
+        assert "multiple of 4 processes" in str(info.value)
+    load_config(None, ["train.per_device_batch_size=4", "rl.num_generations=4"]).validate(num_processes=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -315,19 +316,26 @@ class Config:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, num_processes: int = 1) -> None:
-        """Cross-section rules; ``num_processes`` is known only at launch, so the trainer calls this again."""
+    def validate(self, num_processes: int | None = None) -> None:
+        """Cross-section rules. The global-batch rule needs the launch size, so it is checked only when
+        ``num_processes`` is given: the RL trainer calls ``validate(accelerator.num_processes)`` at start-up.
+        (A recipe for 8 GPUs with 6 rollouts per device and G = 8 must load in one process too, e.g.
+        for ``egspo eval`` or ``egspo config``.)"""
         if self.rl.algorithm != "diffu_grpo" and self.rl.num_selected_steps > self.sampler.steps:
             raise ConfigError(
                 f"rl.num_selected_steps={self.rl.num_selected_steps} exceeds sampler.steps={self.sampler.steps}: "
                 "K selected steps must be at most the number of denoising steps."
             )
+        if num_processes is None:
+            return
         global_batch = self.train.per_device_batch_size * num_processes
         if global_batch % self.rl.num_generations:
             raise ConfigError(
                 f"train.per_device_batch_size={self.train.per_device_batch_size} x {num_processes} process(es) = "
                 f"{global_batch} rollouts is not a multiple of rl.num_generations={self.rl.num_generations}: "
-                "every prompt's group must be complete in a global batch."
+                "every prompt's group must be complete in a global batch. Launch a multiple of "
+                f"{self.rl.num_generations // math.gcd(self.train.per_device_batch_size, self.rl.num_generations)} "
+                "processes or change train.per_device_batch_size."
             )
 
     def to_dict(self) -> dict[str, Any]:

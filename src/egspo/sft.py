@@ -89,7 +89,7 @@ def sft(cfg: Config, resume: bool = False) -> Path:
     mixed = cfg.train.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
                       log_with=cfg.train.report_to or None, project_dir=str(run_dir))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

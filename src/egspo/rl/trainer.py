@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_chec
 from egspo.config import Config, ConfigError, save_config
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
-from egspo.rl.advantages import group_advantages, stepwise_advantages, zero_variance_groups
+from egspo.rl.advantages import zero_variance_groups
+from egspo.rl.distributed import agreed_max, check_launch, global_group_advantages, global_stepwise_advantages
 from egspo.rl.batching import PromptStream, encode_prompts
 from egspo.rl.estimators import action_logps, masked_completion_logps
 from egspo.rl.losses import completion_token_mask, diffu_grpo_loss, egspo_step_loss, kl_exact
@@ -83,9 +85,9 @@ class _StopFlag:
 def _check_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a file of its own: every process of a launch probes the same directory at the same time
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
     except OSError as exc:
         raise ConfigError(f"train.output_dir={str(path)!r} is not writable: {exc}") from exc
 
@@ -107,12 +109,14 @@ class RLTrainer:
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),  # so CPU launches of several processes form one gloo group
             mixed_precision=mixed,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with=cfg.train.report_to or None,
             project_dir=str(self.run_dir),
         )
         acc = self.accelerator
+        check_launch(acc.num_processes)
         cfg.validate(num_processes=acc.num_processes)
         updates = cfg.rl.num_iterations if cfg.rl.algorithm == "diffu_grpo" else (
             cfg.rl.num_selected_steps // cfg.rl.steps_per_microbatch)
@@ -188,7 +192,7 @@ class RLTrainer:
         return self.accelerator.gather(x.to(self.accelerator.device).contiguous()).cpu()
 
     def _agreed_k(self, k: int) -> int:
-        return int(self._gather(torch.tensor([k])).max())
+        return agreed_max(k, self._gather)
 
     def step(self, step: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
@@ -218,10 +222,10 @@ class RLTrainer:
         if cfg.rl.algorithm == "diffu_grpo":
             timings["time/score"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics.update(self._update_diffu_grpo(batch, all_rewards, step))
+            metrics.update(self._update_diffu_grpo(batch, rewards, step))
         else:
             selected = self._select(batch.traj, step)
-            adv, score_metrics = self._egspo_advantages(batch, selected, all_rewards)
+            adv, score_metrics = self._egspo_advantages(batch, selected, rewards)
             metrics.update(score_metrics)
             timings["time/score"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -247,32 +251,26 @@ class RLTrainer:
         )
 
     def _egspo_advantages(
-        self, batch: _Batch, selected: SelectedSteps, all_rewards: torch.Tensor
+        self, batch: _Batch, selected: SelectedSteps, rewards: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, acc = self.cfg, self.accelerator
         traj = batch.traj
         k = selected.steps.shape[1]
-        lam = float(cfg.rl.stepwise_lambda or 0.0)
         metrics: dict[str, float] = {}
-        if lam > 0:
+        greedy_rewards = None
+        if cfg.rl.stepwise_lambda:
             greedy = traj.greedy_completions(selected.steps)  # (B, K, L_c)
             texts = self.tokenizer.batch_decode(greedy.flatten(0, 1), skip_special_tokens=True)
             rows = [row for row in batch.rows for _ in range(k)]
             prompts = [p for p in batch.prompts for _ in range(k)]
             greedy_rewards, _ = self.scorer.score(prompts, texts, rows,
                                                   correctness_only=cfg.rl.step_reward_correctness_only)
-            all_greedy = self._gather(greedy_rewards.view(-1, k))
-            metrics["reward/greedy_mean"] = float(all_greedy.mean())
-        else:
-            all_greedy = all_rewards.unsqueeze(1).expand(-1, k).clone()
-        all_weights = self._gather(selected.weights.float())
-        adv_all = stepwise_advantages(
-            all_rewards, all_greedy, cfg.rl.num_generations, lam,
-            normalize_returns=cfg.rl.normalize_returns, center_step_term=cfg.rl.center_step_term,
-            scale_rewards=cfg.rl.scale_rewards, weights=all_weights,
-        )
-        b = traj.batch_size
-        adv = adv_all[acc.process_index * b : (acc.process_index + 1) * b]
+            greedy_rewards = greedy_rewards.view(-1, k)
+        result = global_stepwise_advantages(rewards, greedy_rewards, selected.weights.float(), cfg.rl,
+                                            gather=self._gather, process_index=acc.process_index)
+        adv = result.local
+        if greedy_rewards is not None:
+            metrics["reward/greedy_mean"] = float(result.greedy.mean())
         ent = traj.step_entropy
         valid = traj.valid_steps
         sel_ent = ent.gather(1, selected.steps.to(ent.device))
@@ -281,7 +279,7 @@ class RLTrainer:
         metrics["entropy/all"] = float(self._gather(((ent * valid).sum() / valid.sum().clamp_min(1)).view(1)).mean())
         metrics["selected_steps_histogram"] = step_histogram(self._gather(selected.steps), self._gather(selected.weights),
                                                              traj.num_steps)
-        metrics["selected_per_rollout"] = float(all_weights.sum(1).mean())
+        metrics["selected_per_rollout"] = float(result.weights.sum(1).mean())
         return adv.to(acc.device), metrics
 
     def _update_egspo(self, batch: _Batch, selected: SelectedSteps, adv: torch.Tensor) -> dict[str, float]:
@@ -326,16 +324,15 @@ class RLTrainer:
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             n_mb += 1
-        return self._reduce({k: v / max(n_mb, 1) for k, v in sums.items()})
+        return self._reduce(_means(sums, n_mb))
 
     # -- diffu-GRPO ---------------------------------------------------------------------------------
 
-    def _update_diffu_grpo(self, batch: _Batch, all_rewards: torch.Tensor, step: int) -> dict[str, float]:
+    def _update_diffu_grpo(self, batch: _Batch, rewards: torch.Tensor, step: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         traj = batch.traj.to(acc.device)
-        adv_all = group_advantages(all_rewards, cfg.rl.num_generations, scale=cfg.rl.scale_rewards)
-        b = traj.batch_size
-        adv = adv_all[acc.process_index * b : (acc.process_index + 1) * b].to(acc.device)
+        adv = global_group_advantages(rewards, cfg.rl, gather=self._gather,
+                                      process_index=acc.process_index).local.to(acc.device)
         token_mask = completion_token_mask(traj.completions, self.dlm.stop_ids)
         seed_gen = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
         seeds = torch.randint(0, 2**31 - 1, (cfg.rl.num_iterations,), generator=seed_gen).tolist()
@@ -363,7 +360,7 @@ class RLTrainer:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        return self._reduce({k: v / len(seeds) for k, v in sums.items()})
+        return self._reduce(_means(sums, len(seeds)))
 
     # -- shared -------------------------------------------------------------------------------------
 
@@ -373,6 +370,7 @@ class RLTrainer:
             if self.cfg.train.max_grad_norm > 0:
                 norm = acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm)
+                sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -420,9 +418,17 @@ class RLTrainer:
                     logger.warning("Stopped at step %d; resume with --resume.", step)
                     break
         bar.close()
-        if cfg.train.report_to:
-            acc.end_training()
+        acc.end_training()
         return self.run_dir
+
+
+def _means(sums: dict[str, float], micro_batches: int) -> dict[str, float]:
+    """Per-micro-batch means, except the gradient norm: a mean over optimizer steps."""
+    steps = sums.pop("optimizer_steps", 0.0)
+    out = {k: v / max(micro_batches, 1) for k, v in sums.items()}
+    if "grad_norm" in sums:
+        out["grad_norm"] = sums["grad_norm"] / max(steps, 1.0)
+    return out
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
