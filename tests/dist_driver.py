@@ -88,7 +88,8 @@ def main() -> None:
     result["reduced"] = trainer._reduce({"rank": float(rank), "constant": 3.0})
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     acc.wait_for_everyone()
-    acc.end_training()  # destroys the process group: a clean exit for gloo
+    # no destroy_process_group: with gloo it can block forever in one rank after the other has exited
+    # (seen here about once in six launches under load); the trainer does the same on CPU
 
 
 if __name__ == "__main__":

@@ -418,7 +418,10 @@ class RLTrainer:
                     logger.warning("Stopped at step %d; resume with --resume.", step)
                     break
         bar.close()
-        acc.end_training()
+        acc.wait_for_everyone()
+        if cfg.train.report_to or torch.cuda.is_available():
+            # closes trackers and the NCCL group; gloo's destroy can hang one rank, so CPU runs skip it
+            acc.end_training()
         return self.run_dir
 
 
