@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from egspo.models.adapter import DiffusionLM
+from egspo.models.tiny import new_model
 
 TOY_VOCAB = 40
 TOY_MASK = 3
 TOY_EOS = 2
+#: A micro LLaDA for end-to-end trainer tests (seconds on a CPU).
+MICRO = dict(d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=128)
 
 
 @pytest.fixture
@@ -24,3 +30,15 @@ def bert_dlm() -> DiffusionLM:
     )
     model = BertForMaskedLM(config).eval()
     return DiffusionLM(model=model, mask_id=TOY_MASK, stop_ids=(TOY_EOS,))
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory) -> Path:
+    return new_model(tmp_path_factory.mktemp("micro") / "model", preset="tiny", seed=0, **MICRO)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(16)))
+    return path

@@ -21,12 +21,10 @@ import yaml
 from safetensors.torch import load_file
 
 from egspo.config import load_config
-from egspo.models.tiny import new_model
 from egspo.rl.advantages import group_advantages, stepwise_advantages
 from tests.dist_driver import fake_batch, rl_variants
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = dict(d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=128)
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -44,18 +42,6 @@ def launch(processes: int, args: list[str], timeout: float = 120) -> subprocess.
     proc = subprocess.run(prefix + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory) -> Path:
-    return new_model(tmp_path_factory.mktemp("micro") / "model", preset="tiny", seed=0, **MICRO)
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(16)))
-    return path
 
 
 def _driver(micro_model: Path, prompts_file: Path, out: Path, processes: int) -> list[dict]:

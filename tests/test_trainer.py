@@ -10,23 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from egspo.config import ConfigError, load_config
-from egspo.models.tiny import new_model
 from egspo.rl.rewards import RewardError
 from egspo.rl.trainer import RLTrainer
 
-MICRO = dict(d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=128)
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory) -> Path:
-    return new_model(tmp_path_factory.mktemp("micro") / "model", preset="tiny", seed=0, **MICRO)
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(16)))
-    return path
 
 
 def make_config(model: Path, data: Path, out: Path, *extra: str):

@@ -30,11 +30,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from egspo.rl.distributed import leave_gloo_group
     from egspo.rl.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume)
     logger.info("Run directory: %s", run_dir)
+    leave_gloo_group()
     return 0
 
 
@@ -103,11 +105,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
+    from egspo.rl.distributed import leave_gloo_group
     from egspo.sft import sft
 
     cfg = load_config(args.config, args.overrides)
     run_dir = sft(cfg, resume=args.resume)
     logger.info("Run directory: %s", run_dir)
+    leave_gloo_group()
     return 0
 
 

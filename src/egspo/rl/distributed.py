@@ -18,7 +18,9 @@ functions run and test without a launcher:
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,3 +114,21 @@ def global_group_advantages(
     all_rewards = gather(local_rewards.float().contiguous())
     advantages = group_advantages(all_rewards, rl.num_generations, scale=rl.scale_rewards)
     return GlobalAdvantages(local=local_rows(advantages, process_index, local_rewards.shape[0]), rewards=all_rewards)
+
+
+def leave_gloo_group() -> None:
+    """End a multi-process CPU (gloo) run's process now, once its work is on disk.
+
+    gloo's teardown is unreliable on CPU: ``destroy_process_group`` can block one rank forever, and
+    leaving the group alive can abort at interpreter exit. The command line calls this after a run
+    has saved everything; it does nothing outside a gloo process group.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() != "gloo":
+        return
+    torch.distributed.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -195,7 +195,7 @@ class RLTrainer:
         return agreed_max(k, self._gather)
 
     def step(self, step: int) -> dict[str, float]:
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         batch = self._rollout(step)
