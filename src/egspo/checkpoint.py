@@ -77,11 +77,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def unwrap_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Parameters named as in the peft/transformers model, without DDP/compile prefixes."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):
-        inner = inner.module
-    inner = getattr(inner, "_orig_mod", inner)
-    return list(inner.named_parameters())
+    return list(unwrap_model_keep_peft(model).named_parameters())
 
 
 def save_checkpoint(
