@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from egspo.config import Config, ConfigError, save_config
+from egspo.models.adapter import strip_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def unwrap_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Parameters named as in the peft/transformers model, without DDP/compile prefixes."""
-    return list(unwrap_model_keep_peft(model).named_parameters())
+    return list(strip_parallel(model).named_parameters())
 
 
 def save_checkpoint(
@@ -109,7 +110,7 @@ def save_checkpoint(
     barrier()
     torch.save(rng_state(), tmp / f"rng_state_{process_index}.pt")
     if process_index == 0:
-        inner = unwrap_model_keep_peft(model)
+        inner = strip_parallel(model)
         weights_dir = tmp / ("adapter" if hasattr(inner, "peft_config") else "model")
         inner.save_pretrained(weights_dir)
         if tokenizer is not None:  # a checkpoint directory then loads on its own
@@ -131,17 +132,6 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def unwrap_model_keep_peft(model: nn.Module) -> nn.Module:
-    """Strip DDP/compile wrappers but keep a peft wrapper (for ``save_pretrained`` of the adapter)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def load_checkpoint(

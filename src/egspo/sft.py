@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from egspo.config import Config, ConfigError, save_config
@@ -32,6 +30,7 @@ from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
 from egspo.rl.batching import encode_prompts
 from egspo.rl.metrics import MetricsWriter
+from egspo.run_setup import check_output_dir, make_accelerator, make_optimizer
 from egspo.tasks import format_prompt, get_task
 
 logger = logging.getLogger(__name__)
@@ -86,15 +85,8 @@ def masked_diffusion_loss(
 def sft(cfg: Config, resume: bool = False) -> Path:
     """Run masked-diffusion SFT; returns the run directory (final weights in its last checkpoint)."""
     run_dir = Path(cfg.train.output_dir)
-    mixed = cfg.train.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() else "no"
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                      log_with=cfg.train.report_to or None, project_dir=str(run_dir))
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"train.output_dir={str(run_dir)!r} is not writable: {exc}") from exc
+    acc = make_accelerator(cfg.train)
+    check_output_dir(run_dir)
     check_fresh_or_resume(run_dir, resume)
     set_seed(cfg.train.seed)
     dlm, tokenizer = load_model(cfg.model, device=acc.device)
@@ -102,10 +94,7 @@ def sft(cfg: Config, resume: bool = False) -> Path:
     model = dlm.model
     pairs = sft_pairs(cfg, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                                  weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.train.lr_scheduler == "constant" else "cosine",
-                              optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
+    optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.max_steps)
     model, optimizer = acc.prepare(model, optimizer)
     start = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:

@@ -33,17 +33,23 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/FSDP/compile and peft wrappers."""
+def strip_parallel(model: nn.Module) -> nn.Module:
+    """The module under DDP/DeepSpeed and torch.compile wrappers (a peft wrapper is kept)."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed
             model = model.module
         elif hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
-            model = model.get_base_model()
         else:
             return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP/compile and peft wrappers."""
+    model = strip_parallel(model)
+    while hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
+        model = strip_parallel(model.get_base_model())
+    return model
 
 
 @dataclass
@@ -137,12 +143,5 @@ class DiffusionLM:
 
 
 def _find_peft(model: nn.Module) -> nn.Module | None:
-    while True:
-        if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-            return model
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return None
+    model = strip_parallel(model)
+    return model if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None

@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import math
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from egspo.config import Config, ConfigError, save_config
@@ -43,6 +41,7 @@ from egspo.rl.losses import completion_token_mask, diffu_grpo_loss, egspo_step_l
 from egspo.rl.metrics import MetricsWriter, step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
+from egspo.run_setup import check_output_dir, make_accelerator, make_optimizer
 from egspo.sampling import sample
 from egspo.tasks import format_prompt, get_task
 from egspo.trajectory import Trajectory
@@ -82,16 +81,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        # a file of its own: every process of a launch probes the same directory at the same time
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"train.output_dir={str(path)!r} is not writable: {exc}") from exc
-
-
 def _check_rows(rows: list[dict[str, Any]], fields: tuple[str, ...], where: str) -> None:
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
@@ -105,16 +94,7 @@ class RLTrainer:
     def __init__(self, cfg: Config, resume: bool = False, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
-        mixed = cfg.train.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),  # so CPU launches of several processes form one gloo group
-            mixed_precision=mixed,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            log_with=cfg.train.report_to or None,
-            project_dir=str(self.run_dir),
-        )
+        self.accelerator = accelerator or make_accelerator(cfg.train)
         acc = self.accelerator
         check_launch(acc.num_processes)
         cfg.validate(num_processes=acc.num_processes)
@@ -125,7 +105,7 @@ class RLTrainer:
                 f"{updates} micro-batches per rollout batch is not a multiple of train.gradient_accumulation_steps="
                 f"{cfg.train.gradient_accumulation_steps}: gradients would carry over between rollout batches."
             )
-        _check_output_dir(self.run_dir)
+        check_output_dir(self.run_dir)
         check_fresh_or_resume(self.run_dir, resume)
         set_seed(cfg.train.seed)
 
@@ -139,15 +119,8 @@ class RLTrainer:
         dlm = prepare_for_training(dlm, cfg.model, need_reference=cfg.rl.beta > 0)
         model = dlm.model
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-            weight_decay=cfg.train.weight_decay,
-        )
         optimizer_steps = math.ceil(cfg.train.max_steps * updates / cfg.train.gradient_accumulation_steps)
-        self.scheduler = get_scheduler(
-            "constant_with_warmup" if cfg.train.lr_scheduler == "constant" else "cosine",
-            optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=optimizer_steps,
-        )
+        optimizer, self.scheduler = make_optimizer(params, cfg.train, optimizer_steps)
         model, self.optimizer = acc.prepare(model, optimizer)
         self.dlm = dataclasses.replace(dlm, model=model)
         self.params = params
