@@ -29,12 +29,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _cmd_training(args: argparse.Namespace) -> int:
+    """`egspo train` and `egspo sft`: the same run life cycle around a different loop."""
     from egspo.rl.distributed import leave_gloo_group
-    from egspo.rl.trainer import train
+
+    if args.command == "train":
+        from egspo.rl.trainer import train as run
+    else:
+        from egspo.sft import sft as run
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = run(cfg, resume=args.resume)
     logger.info("Run directory: %s", run_dir)
     leave_gloo_group()
     return 0
@@ -104,17 +109,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
-    from egspo.rl.distributed import leave_gloo_group
-    from egspo.sft import sft
-
-    cfg = load_config(args.config, args.overrides)
-    run_dir = sft(cfg, resume=args.resume)
-    logger.info("Run directory: %s", run_dir)
-    leave_gloo_group()
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from egspo.demo import format_table, run_demo
 
@@ -161,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in train.output_dir.")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_training)
 
     p = sub.add_parser(
         "sft", help="Masked-diffusion SFT on a task's reference completions or a prompt/completion jsonl.",
@@ -170,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in train.output_dir.")
-    p.set_defaults(func=_cmd_sft)
+    p.set_defaults(func=_cmd_training)
 
     p = sub.add_parser(
         "new-model", help="Write a random-init LLaDA-architecture model and its character tokenizer to a directory.",
