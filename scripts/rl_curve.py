@@ -1,11 +1,15 @@
-"""Held-out accuracy along an RL run of the demo setting (for choosing the demo length, and comparisons).
+"""Accuracy along an RL run: evaluate the policy before training and every few steps.
 
-    PYTHONPATH=src python scripts/rl_curve.py --out runs/curve_egspo --every 20 [--reference-test FILE] \
+    PYTHONPATH=src python scripts/rl_curve.py --out runs/curve_egspo --every 20 \
+        [--config configs/replication/rl_sudoku.yaml] [--reference-test FILE] \
         train.max_steps=200 rl.algorithm=egspo_sa
 
-Trains with the packaged demo config plus overrides and evaluates the policy greedily on the demo's
-held-out generated puzzles (and the reference test set when given) before training and every
-``--every`` steps. Writes OUT/curve.json: [{step, seconds, held_out: {...}, reference: {...}}].
+Trains with the config (default: the packaged demo config) plus overrides and evaluates the policy
+greedily (the config's eval sampler) on ``task.num_eval`` held-out generated problems and on the
+reference test set when given, before training and every ``--every`` steps. Writes
+OUT/curve.json: [{step, rollouts, seconds, train_seconds, held_out: {...}, reference: {...}}], where
+``seconds`` is wall time since the start (evaluations included) and ``train_seconds`` the time spent
+in rollout, scoring and updates only. The run's metrics.jsonl and config.yaml are in OUT too.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
+from egspo.config import load_config
 from egspo.demo import EVAL_SEED, demo_config
 from egspo.evaluate import evaluate_rows
 from egspo.rl.trainer import RLTrainer
@@ -24,32 +30,47 @@ from egspo.rl.trainer import RLTrainer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--config", default=None, help="A training config (default: the packaged demo config).")
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--reference-test", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
-    cfg = demo_config([f"train.output_dir={out}", "train.save_every=0", *args.overrides])
+    overrides = [f"train.output_dir={out}", "train.save_every=0", *args.overrides]
+    cfg = load_config(args.config, overrides) if args.config else demo_config(overrides)
     trainer = RLTrainer(cfg)
     task = trainer.task
-    sets = {"held_out": task.load(None, "test", cfg.task.num_eval, EVAL_SEED, **cfg.task.options)}
+    options = cfg.task.options
+    sets = {"held_out": task.load(None, "test", cfg.task.num_eval, EVAL_SEED, **options)}
     if args.reference_test:
-        sets["reference"] = task.load(args.reference_test, "test", 0, 0, **cfg.task.options)
+        sets["reference"] = task.load(args.reference_test, "test", 0, 0, **options)
     sampler = cfg.eval.sampler_for(cfg.sampler.gen_length)
-    curve = []
+    rollouts_per_step = cfg.train.per_device_batch_size * trainer.accelerator.num_processes
+    curve: list[dict] = []
     start = time.perf_counter()
+    train_seconds = 0.0
 
     def record(step: int) -> None:
-        entry = {"step": step, "seconds": round(time.perf_counter() - start, 1)}
+        entry = {"step": step, "rollouts": step * rollouts_per_step,
+                 "seconds": round(time.perf_counter() - start, 1), "train_seconds": round(train_seconds, 1)}
         for name, rows in sets.items():
-            entry[name] = evaluate_rows(trainer.dlm, trainer.tokenizer, task, rows, sampler, batch_size=256)[1]
+            entry[name] = evaluate_rows(trainer.dlm, trainer.tokenizer, task, rows, sampler,
+                                        batch_size=cfg.eval.batch_size)[1]
         curve.append(entry)
-        (out / "curve.json").write_text(json.dumps(curve, indent=1))
-        print(json.dumps(entry), flush=True)  # noqa: T201 - a script's progress report
+        if trainer.accelerator.is_main_process:
+            (out / "curve.json").write_text(json.dumps(curve, indent=1))
+            sys.stdout.write(json.dumps(entry) + "\n")
+            sys.stdout.flush()
+
+    def on_step(step: int, metrics: dict) -> None:
+        nonlocal train_seconds
+        train_seconds += sum(v for k, v in metrics.items() if k.startswith("time/"))
+        if step % args.every == 0 or step == cfg.train.max_steps:
+            record(step)
 
     record(0)
-    trainer.run(on_step=lambda step, _: record(step) if step % args.every == 0 else None)
+    trainer.run(on_step=on_step)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ from typing import Any
 import torch
 
 
-def step_histogram(steps: torch.Tensor, weights: torch.Tensor, num_steps: int, bins: int = 8) -> list[int]:
-    """Counts of selected steps (weight > 0) in ``bins`` equal slices of [0, num_steps)."""
-    chosen = steps[weights > 0].float()
+def step_histogram(steps: torch.Tensor, weights: torch.Tensor, num_steps: int, max_bins: int = 32) -> list[int]:
+    """Counts of selected steps (weight > 0): one bin per denoising step when ``num_steps <= max_bins``,
+    else ``max_bins`` equal slices of [0, num_steps)."""
+    chosen = steps[weights > 0]
+    if num_steps <= max_bins:
+        return torch.bincount(chosen.long().flatten(), minlength=num_steps)[:num_steps].tolist()
     if chosen.numel() == 0:
-        return [0] * bins
-    return torch.histc(chosen, bins=bins, min=0, max=num_steps).long().tolist()
+        return [0] * max_bins
+    return torch.histc(chosen.float(), bins=max_bins, min=0, max=num_steps).long().tolist()
 
 
 class MetricsWriter:

@@ -1,0 +1,98 @@
+"""Build an imperfect base model by masked-diffusion SFT: train, evaluate checkpoints, pick one.
+
+    PYTHONPATH=src python scripts/build_base.py --out runs/sudoku-base \
+        [--config configs/sft_sudoku_tiny.yaml] [--reference-test 4x4_test_sudoku.csv] [--target 25,45] \
+        [config overrides ...]
+
+Runs `egspo sft` with the config, evaluates every checkpoint greedily with the config's sampler on
+held-out generated problems of the config's task (and on a reference test set when given), and copies
+the EARLIEST checkpoint whose accuracy on the generated held-out problems falls in the target range
+into OUT/chosen (model + tokenizer); later checkpoints are evaluated only with ``--all``. The reference test set is reported, never used for the choice.
+The accuracy is the task's whole-answer figure: ``puzzle_accuracy`` for Sudoku, ``accuracy`` for the
+others (``--metric`` to choose another). The base is meant to be imperfect so that RL has room.
+Writes OUT/selection.json with every checkpoint's figures. This is how `builtin:sudoku-tiny` and the
+replication bases (configs/replication/) were made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from egspo.checkpoint import list_checkpoints
+from egspo.config import ModelConfig, load_config
+from egspo.evaluate import evaluate_rows
+from egspo.models.loading import load_model
+from egspo.sft import sft
+from egspo.tasks import get_task
+
+logger = logging.getLogger("build_base")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_sudoku_tiny.yaml"
+#: Seed of the generated held-out problems (test split, never trained on).
+HELD_OUT_SEED = 1234
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="An SFT config (default: the tiny Sudoku one).")
+    parser.add_argument("--reference-test", default=None, help="A test file of the task, e.g. 4x4_test_sudoku.csv.")
+    parser.add_argument("--target", default="20,50", help="Held-out accuracy range (percent) to pick from.")
+    parser.add_argument("--metric", default=None, help="Metric to pick by (default: puzzle_accuracy or accuracy).")
+    parser.add_argument("--num-eval", type=int, default=500)
+    parser.add_argument("--all", action="store_true", help="Evaluate every checkpoint, not only up to the chosen one.")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    low, high = (float(x) for x in args.target.split(","))
+
+    cfg = load_config(args.config, [f"train.output_dir={out / 'sft'}", *args.overrides])
+    start = time.perf_counter()
+    sft(cfg)
+    sft_seconds = time.perf_counter() - start
+
+    task = get_task(cfg.task.name)
+    options = cfg.task.options
+    sets = {"held_out": task.load(None, "test", args.num_eval, HELD_OUT_SEED, **options)}
+    if args.reference_test:
+        sets["reference"] = task.load(args.reference_test, "test", 0, 0, **options)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    greedy = dataclasses.replace(cfg.sampler, temperature=0.0)
+    metric = args.metric
+    results, chosen = [], None
+    for ckpt in list_checkpoints(out / "sft"):
+        dlm, tokenizer = load_model(ModelConfig(name_or_path=str(ckpt / "model"), dtype="float32"), device=device)
+        entry: dict = {"checkpoint": ckpt.name}
+        for name, rows in sets.items():
+            entry[name] = evaluate_rows(dlm, tokenizer, task, rows, greedy, batch_size=256)[1]
+        results.append(entry)
+        logger.info("%s", json.dumps(entry))
+        metric = metric or ("puzzle_accuracy" if "puzzle_accuracy" in entry["held_out"] else "accuracy")
+        if chosen is None and low <= entry["held_out"][metric] <= high:
+            chosen = entry
+        if chosen is not None and not args.all:
+            break
+    if chosen is not None:
+        target = out / "chosen"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(out / "sft" / chosen["checkpoint"] / "model", target)
+    (out / "selection.json").write_text(json.dumps(
+        {"config": args.config, "sft_seconds": sft_seconds, "device": device, "metric": metric,
+         "target": [low, high], "chosen": chosen, "checkpoints": results}, indent=2))
+    if chosen is None:
+        logger.error("No checkpoint has held-out %s in %s-%s%%; see %s", metric, low, high, out / "selection.json")
+        sys.exit(1)
+    logger.info("Chosen %s -> %s", chosen["checkpoint"], out / "chosen")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Run the issue-#9 grid: every algorithm variant x seed from one base, several runs at once on one GPU.
+
+    PYTHONPATH=src python scripts/replicate.py --task sudoku --reference-test 4x4_test_sudoku.csv \
+        --seeds 0 1 2 [--variants diffu_grpo diffu_grpo_low_lr egspo egspo_sa random uniform] [--parallel 15] \
+        [--out runs/replication] [--deadline 540] [overrides ...]
+
+Each run is ``scripts/rl_curve.py --config configs/replication/rl_TASK.yaml`` with the variant's
+overrides and ``train.seed=SEED`` (the seed also changes the order of the training problems and the
+rollouts' noise; the base model is the same). Runs go to OUT/TASK/VARIANT-sSEED (curve.json,
+metrics.jsonl, config.yaml, log.txt); OUT/TASK/runs.json records each run's command, exit code and
+wall time. Runs that share a GPU slow each other down: the wall times say how many ran at once.
+``--deadline`` stops runs still going after that many seconds (their curves keep what was done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("replicate")
+ROOT = Path(__file__).resolve().parent.parent
+#: The algorithm variants of the table and the overrides that make each from configs/replication/rl_*.yaml.
+VARIANTS: dict[str, list[str]] = {
+    "diffu_grpo": ["rl.algorithm=diffu_grpo"],
+    "diffu_grpo_low_lr": ["rl.algorithm=diffu_grpo", "train.learning_rate=1e-4"],
+    "egspo": ["rl.algorithm=egspo"],
+    "egspo_sa": ["rl.algorithm=egspo_sa"],
+    "random": ["rl.algorithm=egspo_sa", "rl.step_selection=random"],
+    "uniform": ["rl.algorithm=egspo_sa", "rl.step_selection=uniform"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=["sudoku", "countdown"])
+    parser.add_argument("--reference-test", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "diffu_grpo_low_lr"], choices=list(VARIANTS))
+    parser.add_argument("--parallel", type=int, default=15, help="Runs at once.")
+    parser.add_argument("--every", type=int, default=25, help="Evaluate every this many steps.")
+    parser.add_argument("--out", default="runs/replication")
+    parser.add_argument("--deadline", type=float, default=None, help="Seconds after which running runs stop.")
+    parser.add_argument("overrides", nargs="*", help="section.field=value for every run.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    task_dir = Path(args.out) / args.task
+    task_dir.mkdir(parents=True, exist_ok=True)
+    config = ROOT / "configs" / "replication" / f"rl_{args.task}.yaml"
+    queue = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            out = task_dir / f"{variant}-s{seed}"
+            command = [sys.executable, str(ROOT / "scripts" / "rl_curve.py"), "--config", str(config),
+                       "--out", str(out), "--every", str(args.every), "--reference-test", args.reference_test,
+                       f"train.seed={seed}", *VARIANTS[variant], *args.overrides]
+            queue.append({"run": out.name, "variant": variant, "seed": seed, "out": out, "command": command})
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    running: list[tuple[dict, subprocess.Popen, float]] = []
+    finished: list[dict] = []
+    pending = list(queue)
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                job = pending.pop(0)
+                job["out"].mkdir(parents=True, exist_ok=True)
+                log = (job["out"] / "log.txt").open("w")
+                proc = subprocess.Popen(job["command"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                running.append((job, proc, time.perf_counter()))
+                logger.info("started %s (%d running, %d pending)", job["run"], len(running), len(pending))
+            time.sleep(2)
+            late = args.deadline is not None and time.perf_counter() - start > args.deadline
+            for item in list(running):
+                job, proc, began = item
+                if late and proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
+                    job["stopped_at_deadline"] = True
+                if proc.poll() is not None:
+                    running.remove(item)
+                    job.update(returncode=proc.returncode, seconds=round(time.perf_counter() - began, 1),
+                               concurrent_runs=min(args.parallel, len(queue)))
+                    finished.append(job)
+                    logger.info("finished %s rc=%s in %.0f s", job["run"], proc.returncode, job["seconds"])
+            if late:
+                pending.clear()
+    finally:
+        for _, proc, _ in running:
+            proc.kill()
+        records = [{k: (str(v) if isinstance(v, Path) else v) for k, v in job.items()} for job in finished]
+        for record in records:
+            record["command"] = shlex.join(record["command"])
+        (task_dir / "runs.json").write_text(json.dumps(records, indent=1))
+    failed = [job["run"] for job in finished if job["returncode"] != 0]
+    if failed:
+        logger.error("failed runs: %s (see their log.txt)", ", ".join(failed))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

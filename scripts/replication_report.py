@@ -1,0 +1,161 @@
+"""Tables and figures of the issue-#9 replication from the runs of scripts/replicate.py.
+
+    python scripts/replication_report.py --runs runs/replication --images docs/images \
+        --data docs/data/replication
+
+For each task directory under --runs (sudoku, countdown): reads every run's curve.json and
+metrics.jsonl, and writes
+- DATA/TASK_runs.json: per run the final and best accuracies, training and wall seconds;
+- DATA/TASK_table.md: the table of docs/results.md (mean ± std over seeds, min-max in brackets);
+- IMAGES/replication_TASK_curves.png: reference-set accuracy against rollouts and against training
+  seconds, mean over seeds with the min-max band;
+- IMAGES/replication_TASK_steps.png: which denoising steps were selected (share of all selections).
+The headline metric is the task's whole-answer accuracy: puzzle accuracy for Sudoku, accuracy else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+logger = logging.getLogger("replication_report")
+ORDER = ["diffu_grpo", "diffu_grpo_low_lr", "egspo", "egspo_sa", "random", "uniform"]
+LABELS = {"diffu_grpo": "diffu-GRPO (d1)", "diffu_grpo_low_lr": "diffu-GRPO (d1), lr 1e-4", "egspo": "EGSPO (λ = 0)", "egspo_sa": "EGSPO-SA (λ = 0.5)",
+          "random": "EGSPO-SA, random steps", "uniform": "EGSPO-SA, uniform steps"}
+
+
+def headline(metrics: dict[str, float]) -> float:
+    return metrics.get("puzzle_accuracy", metrics.get("accuracy", float("nan")))
+
+
+def load_run(run_dir: Path) -> dict[str, Any] | None:
+    curve_path = run_dir / "curve.json"
+    if not curve_path.exists():
+        return None
+    curve = json.loads(curve_path.read_text())
+    variant, seed = run_dir.name.rsplit("-s", 1)
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
+    hist: list[float] = []
+    for row in rows:
+        counts = row.get("selected_steps_histogram") or []
+        hist = [a + b for a, b in zip(hist, counts)] if hist else list(counts)
+    last = curve[-1]
+    return {
+        "variant": variant, "seed": int(seed), "steps": last["step"], "rollouts": last["rollouts"],
+        "base_reference": headline(curve[0].get("reference", {})), "base_held_out": headline(curve[0]["held_out"]),
+        "final_reference": headline(last.get("reference", {})), "final_held_out": headline(last["held_out"]),
+        "best_reference": max(headline(e.get("reference", {})) for e in curve),
+        "train_seconds": last["train_seconds"], "wall_seconds": last["seconds"],
+        "reward_last10": statistics.fmean(r["reward/mean"] for r in rows[-10:]) if rows else float("nan"),
+        "curve": curve, "steps_histogram": hist,
+    }
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f} (1 seed)"
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
+
+
+def table(task: str, runs: list[dict[str, Any]]) -> str:
+    by_variant = defaultdict(list)
+    for run in runs:
+        by_variant[run["variant"]].append(run)
+    lines = ["| variant | seeds | steps (rollouts) | reference acc. % | held-out acc. % | best reference % | "
+             "train s | wall s |", "|---|---|---|---|---|---|---|---|"]
+    base = runs[0]
+    lines.append(f"| base model | | 0 | {base['base_reference']:.1f} | {base['base_held_out']:.1f} | | | |")
+    for variant in [v for v in ORDER if v in by_variant]:
+        group = by_variant[variant]
+        steps = sorted({r["steps"] for r in group})
+        lines.append(
+            f"| {LABELS[variant]} | {len(group)} | {'/'.join(map(str, steps))} ({group[0]['rollouts']}) | "
+            f"{spread([r['final_reference'] for r in group])} | {spread([r['final_held_out'] for r in group])} | "
+            f"{spread([r['best_reference'] for r in group])} | "
+            f"{statistics.fmean(r['train_seconds'] for r in group):.0f} | "
+            f"{statistics.fmean(r['wall_seconds'] for r in group):.0f} |")
+    return f"Task: {task}\n\n" + "\n".join(lines) + "\n"
+
+
+def plot_curves(task: str, runs: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for variant in ORDER:
+        group = [r for r in runs if r["variant"] == variant]
+        if not group:
+            continue
+        n = min(len(r["curve"]) for r in group)
+        acc = [[headline(e.get("reference", e["held_out"])) for e in r["curve"][:n]] for r in group]
+        mean = [statistics.fmean(col) for col in zip(*acc)]
+        low, high = [min(col) for col in zip(*acc)], [max(col) for col in zip(*acc)]
+        xs = {"rollouts": [e["rollouts"] for e in group[0]["curve"][:n]],
+              "train_seconds": [statistics.fmean(r["curve"][i]["train_seconds"] for r in group) for i in range(n)]}
+        for ax, key in zip(axes, ("rollouts", "train_seconds")):
+            ax.plot(xs[key], mean, marker="o", ms=3, label=f"{LABELS[variant]} ({len(group)} seeds)")
+            ax.fill_between(xs[key], low, high, alpha=0.15)
+    axes[0].set_xlabel("rollouts")
+    axes[1].set_xlabel("training seconds (rollout + scoring + updates; runs shared one GPU)")
+    axes[0].set_ylabel("reference-set accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{task}: greedy accuracy on the reference test set (mean over seeds, min-max band)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_steps(task: str, runs: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    variants = [v for v in ORDER if not v.startswith("diffu_grpo") and any(r["variant"] == v and r["steps_histogram"] for r in runs)]
+    width = 0.8 / max(len(variants), 1)
+    for i, variant in enumerate(variants):
+        total: list[float] = []
+        for run in (r for r in runs if r["variant"] == variant):
+            total = [a + b for a, b in zip(total, run["steps_histogram"])] if total else list(run["steps_histogram"])
+        share = [100.0 * c / max(sum(total), 1) for c in total]
+        ax.bar([j + i * width for j in range(len(share))], share, width=width, label=LABELS[variant])
+    ax.set_xlabel("denoising step t (0 = first)")
+    ax.set_ylabel("% of selected steps")
+    ax.set_title(f"{task}: which steps were trained on (all seeds, all training steps)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs/replication")
+    parser.add_argument("--images", default="docs/images")
+    parser.add_argument("--data", default="docs/data/replication")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    images, data = Path(args.images), Path(args.data)
+    images.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
+    for task_dir in sorted(p for p in Path(args.runs).iterdir() if p.is_dir() and not p.name.endswith("-base")):
+        runs = [run for run in (load_run(d) for d in sorted(task_dir.iterdir()) if d.is_dir()) if run]
+        if not runs:
+            logger.warning("no finished runs under %s", task_dir)
+            continue
+        task = task_dir.name
+        (data / f"{task}_runs.json").write_text(json.dumps(runs, indent=1))
+        text = table(task, runs)
+        (data / f"{task}_table.md").write_text(text)
+        plot_curves(task, runs, images / f"replication_{task}_curves.png")
+        plot_steps(task, runs, images / f"replication_{task}_steps.png")
+        logger.info("%s\n%s", task, text)
+
+
+if __name__ == "__main__":
+    main()
