@@ -2,12 +2,17 @@
 
     PYTHONPATH=src python benchmarks/train_step.py --shape llada-8b --batch 6 --k 8 --lora-r 128
     PYTHONPATH=src python benchmarks/train_step.py --shape llada-8b --batch 48 --k 8 --lora-r 128 --grad-ckpt
+    PYTHONPATH=src python benchmarks/train_step.py --shape llada-8b --batch 6 --k 8 --lora-r 128 --cache dual --compile
 
 Runs the library's own pieces in the trainer's order: rollout (sampler with greedy completions),
 step selection + greedy-completion scoring (a vectorised stand-in reward: the real cost of a task's
 reward function is the task's), reference log-probs (adapter disabled), K micro-batch updates
 (forward + backward of one selected step for all rows, LM head only at the committed positions) and
 the AdamW steps. Prints JSON: seconds, TFLOP/s and MFU per phase, tokens/s and peak memory.
+``--cache prefix|dual`` rolls out with the APPROXIMATE KV-cached sampler and adds the phase
+"old_logps": the exact recompute of the selected steps' old log-probs that the trainer then runs
+(K no-grad forwards), whose results the updates use. ``--compile`` compiles the rollout forward
+(``SamplerConfig.compile``; the peft-wrapped model).
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=128)
     parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+                        help="rollout KV cache (prefix/dual are approximate)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the rollout forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -58,7 +66,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=3e-5, betas=(0.9, 0.99), weight_decay=0.1)
     vocab = dlm.core.config.vocab_size
     prompts = torch.randint(0, min(vocab - 1000, 120000), (args.batch, args.prompt_len), device=device)
-    cfg = SamplerConfig(gen_length=args.gen_length, block_length=args.block, steps=args.steps, temperature=0.9)
+    cfg = SamplerConfig(gen_length=args.gen_length, block_length=args.block, steps=args.steps, temperature=0.9,
+                        cache=args.cache, compile=args.compile)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def sync() -> None:
@@ -66,8 +75,12 @@ def main() -> None:
             torch.cuda.synchronize()
 
     # warm-up: one block of sampling and one update, so kernels and the allocator are ready
-    warm = SamplerConfig(gen_length=args.block, block_length=args.block, steps=cfg.steps_per_block, temperature=0.9)
-    wtraj = sample(dlm, prompts, warm, generator=gen)
+    warm = SamplerConfig(gen_length=args.block, block_length=args.block, steps=cfg.steps_per_block, temperature=0.9,
+                         cache=args.cache)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        wtraj = sample(dlm, prompts, warm, generator=gen)
+        if args.compile:  # compile every rollout shape outside the timed phase
+            sample(dlm, prompts, cfg, generator=gen, record_greedy=False)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         logp, *_ = action_logps(dlm, wtraj, torch.zeros(args.batch, dtype=torch.long, device=device))
         logp.sum().backward()
@@ -98,6 +111,20 @@ def main() -> None:
     sync()
     timings["score"] = time.perf_counter() - t0
 
+    old_logps = traj.step_logps.gather(1, selected.steps.to(device))
+    if args.cache != "none":
+        # the trainer's exact recompute of the approximate rollout's old log-probs (eval mode, no grad)
+        t0 = time.perf_counter()
+        was_training = dlm.model.training
+        dlm.model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            old_logps = torch.stack([action_logps(dlm, traj, selected.steps[:, k])[0].float()
+                                     for k in range(selected.steps.shape[1])], dim=1)
+        dlm.model.train(was_training)
+        sync()
+        timings["old_logps"] = time.perf_counter() - t0
+        old_logp_gap = float((traj.step_logps.gather(1, selected.steps.to(device)) - old_logps).abs().mean())
+
     t0 = time.perf_counter()
     refs = []
     with torch.no_grad(), dlm.reference_model() as ref, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -111,7 +138,7 @@ def main() -> None:
     for k in range(selected.steps.shape[1]):
         t0 = time.perf_counter()
         steps = selected.steps[:, k]
-        old = traj.step_logps.gather(1, steps[:, None]).squeeze(1)
+        old = old_logps[:, k]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             logp, ntok, _, _ = action_logps(dlm, traj, steps)
             loss, _ = egspo_step_loss(logp, old, refs[k], adv[:, k], selected.weights[:, k].to(device), ntok,
@@ -138,12 +165,15 @@ def main() -> None:
         "reference": k * per_forward,
         "updates": 3 * k * per_forward,  # forward + backward counted as 3 forwards (the issue's convention)
     }
+    if "old_logps" in timings:
+        flops["old_logps"] = k * per_forward
     peak = PEAK_TFLOPS[device.type]
     result = {
         "benchmark": "train_step",
         "shape": args.shape,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "batch": args.batch, "k": k, "lora_r": args.lora_r, "grad_ckpt": args.grad_ckpt,
+        "cache": args.cache, "compile": args.compile,
         "prompt_len": args.prompt_len, "gen_length": args.gen_length, "block": args.block, "steps": args.steps,
         "seconds": {name: round(v, 4) for name, v in timings.items()},
         "seconds_total": round(total, 3),
@@ -152,6 +182,8 @@ def main() -> None:
         "updates_vs_60pct_peak": round(timings["updates"] / (flops["updates"] / (0.6 * peak * 1e12)), 3),
         "tokens_per_s": round(args.batch * length / total, 1),
     }
+    if args.cache != "none":
+        result["old_logp_gap"] = round(old_logp_gap, 5)
     if cuda:
         result["peak_extra_memory_gb"] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**30, 3)
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

@@ -81,6 +81,10 @@ class ModelConfig:
             raise ConfigError(f"model.lora_dropout={self.lora_dropout} must be in [0, 1).")
 
 
+#: Rollout KV-cache modes: ``none`` is exact; ``prefix`` and ``dual`` are approximate (Fast-dLLM).
+ROLLOUT_CACHES = ("none", "prefix", "dual")
+
+
 @dataclass
 class SamplerConfig:
     """The block low-confidence sampler of SPEC §1 (used for rollouts)."""
@@ -95,6 +99,19 @@ class SamplerConfig:
         "Stop decoding further blocks of rows whose completion has ended (remaining positions are "
         "committed as the end token in the next block's steps).",
     )
+    cache: str = _f(
+        "none",
+        "Rollout KV cache: none (exact, the default), or prefix / dual, which are APPROXIMATE (Fast-dLLM "
+        "style): one full forward per block caches every layer's keys/values, and the block's other steps "
+        "run only [block start, end) (prefix) or only the block (dual) against that cache, so the log-probs "
+        "they record are not the exact model's (the trainer recomputes the selected steps' old log-probs "
+        "exactly). Needs the native LLaDA/Dream models.",
+    )
+    compile: bool = _f(
+        False,
+        "Run the rollout forwards through torch.compile(model, dynamic=False), compiled once per shape "
+        "and kept on the DiffusionLM (works with a peft-wrapped model).",
+    )
 
     def __post_init__(self) -> None:
         _positive("sampler", "gen_length", self.gen_length)
@@ -102,6 +119,7 @@ class SamplerConfig:
         _positive("sampler", "steps", self.steps)
         _positive("sampler", "temperature", self.temperature, allow_zero=True)
         _choice("sampler", "remasking", self.remasking, ("low_confidence", "random"))
+        _choice("sampler", "cache", self.cache, ROLLOUT_CACHES)
         if self.gen_length % self.block_length:
             raise ConfigError(
                 f"sampler.gen_length={self.gen_length} is not a multiple of sampler.block_length="

@@ -12,6 +12,22 @@ untempered softmax (or a uniform draw for ``remasking="random"``).
 Per step the LM head runs on the current block (candidates, log-probs, entropies) and, for the
 one-step greedy completion, on the remaining masked positions in chunks whose size bounds the memory
 of the logits; nothing of vocabulary size outlives the step.
+
+``config.cache`` selects an APPROXIMATE rollout in the style of Fast-dLLM (native LLaDA/Dream only).
+The first step of every block runs the full forward, exactly as ``cache="none"`` does, and keeps
+every layer's keys/values; the block's other steps run only part of the sequence against that cache:
+
+- ``prefix``: positions [block start, end of sequence); the prompt and finished blocks come from the
+  cache (they do not change within a block, but their cached keys/values were computed while the
+  current block still held the masks of the block start);
+- ``dual``: the current block only; the prefix and the still-masked suffix come from the cache.
+
+Every step then records what the exact sampler records, computed from these approximate features:
+the candidates, log-probs and entropies of the block, and the greedy completion, whose part after the
+block comes from this step's features (``prefix``) or, for ``dual``, from the block-start forward
+(stale: the suffix is not recomputed within a block, so it is taken once per block). The recorded
+log-probs are therefore not the exact model's; the trainer recomputes those of the selected steps.
+``config.compile`` runs the forwards through :meth:`DiffusionLM.compiled_model`.
 """
 
 from __future__ import annotations
@@ -19,9 +35,11 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
-from egspo.config import SamplerConfig
+from egspo.config import ConfigError, SamplerConfig
 from egspo.models.adapter import DiffusionLM
+from egspo.models.kv_cache import KVCache
 from egspo.ops import gumbel_argmax, logprobs_and_entropy
 from egspo.trajectory import Trajectory
 
@@ -29,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 #: Upper bound on the elements of one chunk of greedy-completion logits (about 256 MB in bf16).
 GREEDY_CHUNK_ELEMENTS = 1 << 27
+#: Compiled rollouts see one shape per window length (a prefix window per block) and per active-row
+#: count; torch's default recompile limit (8) would silently fall back to eager before that.
+COMPILE_RECOMPILE_LIMIT = 64
 
 
 def transfer_schedule(config: SamplerConfig) -> torch.Tensor:
@@ -75,6 +96,12 @@ def sample(
     batch, prompt_len = prompt_ids.shape
     gen_len, block_len, steps = config.gen_length, config.block_length, config.steps
     mask_id, eos_id = dlm.mask_id, dlm.eos_id
+    if config.cache != "none" and not dlm.native:
+        raise ConfigError(
+            f"sampler.cache={config.cache!r} needs the native LLaDA or Dream models (egspo.models); this "
+            f"model ({type(dlm.core).__name__}) goes through the generic adapter: use sampler.cache=none."
+        )
+    model = _rollout_model(dlm, config)
 
     x = torch.cat([prompt_ids, torch.full((batch, gen_len), mask_id, dtype=torch.long, device=device)], dim=1)
     if attention_mask is not None:
@@ -106,15 +133,40 @@ def sample(
             if config.stop_at_eos and block > 0:
                 done = _is_stop(x[:, prompt_len:lo], dlm.stop_ids).any(dim=1)
             active = rows[~done]
-            for _ in range(config.steps_per_block):
+            everyone = active.numel() == batch
+            mask_a = None if attention_mask is None else (attention_mask if everyone else attention_mask[active])
+            cache: KVCache | None = None
+            stale_tail: torch.Tensor | None = None  # dual: greedy tokens after the block, from the block start
+            for step_in_block in range(config.steps_per_block):
                 n = int(schedule[t])
                 if done.any():
                     _force_end(x, done, lo, hi, n, t, eos_id, mask_id, step_of_position, greedy, forced, prompt_len)
                 if active.numel():
+                    # the active rows are fixed within a block, so the cache holds exactly them
+                    xa = x if everyone else x[active]
+                    if config.cache == "none":
+                        features = dlm.encode(xa, mask_a, model=model)
+                    elif step_in_block == 0:
+                        # the fresh cache makes this step the exact sampler's step
+                        features, cache = dlm.encode_cached(xa, mask_a, model=model)
+                        if config.cache == "dual" and greedy is not None:
+                            stale_tail = _greedy_tokens(dlm, features[:, hi:])
+                    elif config.cache == "prefix":
+                        features = dlm.encode_window(xa, lo, xa.shape[1], cache, mask_a, model=model)
+                    else:
+                        features = dlm.encode_window(xa, lo, hi, cache, mask_a, model=model)
+                    # full forwards cover [0, L); windowed ones start at lo ([lo, L) prefix, [lo, hi) dual)
+                    offset = lo if config.cache == "none" or step_in_block == 0 else 0
+                    tail_greedy = None
+                    if greedy is not None:
+                        use_stale = config.cache == "dual"
+                        tail_greedy = stale_tail if use_stale else _greedy_tokens(dlm, features[:, offset + hi - lo :])
                     _model_step(
-                        dlm, x, attention_mask, active, lo, hi, n, t, config, generator,
-                        step_of_position, position_logps, position_entropy, step_logps, step_entropy, greedy,
+                        dlm, x, xa, features[:, offset : offset + hi - lo], tail_greedy, active, lo, hi, n, t,
+                        config, generator, step_of_position, position_logps, position_entropy, step_logps,
+                        step_entropy, greedy,
                     )
+                    del features
                 t += 1
     finally:
         dlm.model.train(was_training)
@@ -139,10 +191,37 @@ def sample(
     )
 
 
+def _rollout_model(dlm: DiffusionLM, config: SamplerConfig) -> nn.Module:
+    """The module the rollout forwards run through: the model, or its compiled copy."""
+    if not config.compile:
+        return dlm.model
+    dynamo_config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    if getattr(dynamo_config, name) < COMPILE_RECOMPILE_LIMIT:
+        logger.info("Raising torch._dynamo.config.%s to %d for the compiled rollout.", name, COMPILE_RECOMPILE_LIMIT)
+        setattr(dynamo_config, name, COMPILE_RECOMPILE_LIMIT)
+    return dlm.compiled_model()
+
+
+def _greedy_tokens(dlm: DiffusionLM, features: torch.Tensor) -> torch.Tensor:
+    """Argmax tokens (mask excluded) of ``features`` (B, P, H), the LM head run in bounded chunks."""
+    out = torch.empty(features.shape[:2], dtype=torch.long, device=features.device)
+    if features.shape[1] == 0:
+        return out
+    vocab = dlm.core.get_output_embeddings().out_features if dlm.native else features.shape[-1]
+    chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, features.shape[0] * vocab))
+    for start in range(0, features.shape[1], chunk):
+        stop = min(start + chunk, features.shape[1])
+        out[:, start:stop] = _without_mask(dlm.head(features[:, start:stop]), dlm.mask_id).argmax(-1)
+    return out
+
+
 def _model_step(
     dlm: DiffusionLM,
     x: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    xa: torch.Tensor,
+    block_features: torch.Tensor,
+    tail_greedy: torch.Tensor | None,
     active: torch.Tensor,
     lo: int,
     hi: int,
@@ -157,14 +236,12 @@ def _model_step(
     step_entropy: torch.Tensor,
     greedy: torch.Tensor | None,
 ) -> None:
-    """One denoising step for the ``active`` rows: commit ``n`` tokens of block [lo, hi) and record it."""
-    everyone = active.numel() == x.shape[0]
-    xa = x if everyone else x[active]
-    mask_a = None if attention_mask is None else (attention_mask if everyone else attention_mask[active])
+    """One denoising step for the ``active`` rows (``xa`` = ``x[active]``): commit ``n`` tokens of block
+    [lo, hi) from ``block_features`` (aligned features of the block) and record it; ``tail_greedy`` are
+    the greedy tokens after the block (needed when ``greedy`` is recorded)."""
     prompt_len = x.shape[1] - step_of_position.shape[1]
 
-    features = dlm.encode(xa, mask_a)
-    block_logits = dlm.head(features[:, lo:hi])  # (B_a, block, V)
+    block_logits = dlm.head(block_features)  # (B_a, block, V)
     # the mask token is never a candidate: committing it would leave the position masked
     allowed = _without_mask(block_logits, dlm.mask_id)
     candidates = gumbel_argmax(allowed, config.temperature, generator)
@@ -172,7 +249,6 @@ def _model_step(
     # the untempered argmax for this block doubles as the greedy completion there
     block_greedy = allowed.argmax(-1)
     del allowed
-    vocab = block_logits.shape[-1]
     if config.remasking == "low_confidence":
         # rank in the logits' dtype, as the published sampler does with its softmax
         confidence = logps.exp().to(block_logits.dtype).float()
@@ -185,16 +261,12 @@ def _model_step(
 
     rel_lo, rel_hi = lo - prompt_len, hi - prompt_len
     if greedy is not None:
-        # one-step greedy completion of s_t: argmax at every masked completion position, chunked
+        # one-step greedy completion of s_t: argmax at every masked completion position (after the
+        # block every position is still masked: blocks are decoded left to right)
         greedy_a = xa[:, prompt_len:].clone()
         greedy_a[:, rel_lo:rel_hi] = torch.where(eligible, block_greedy, greedy_a[:, rel_lo:rel_hi])
-        chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, xa.shape[0] * vocab))
-        for start in range(hi, x.shape[1], chunk):
-            stop = min(start + chunk, x.shape[1])
-            chunk_logits = _without_mask(dlm.head(features[:, start:stop]), dlm.mask_id)
-            greedy_a[:, start - prompt_len : stop - prompt_len] = chunk_logits.argmax(-1)
+        greedy_a[:, rel_hi:] = tail_greedy
         greedy[active, t] = greedy_a
-    del features
 
     new_block = torch.where(chosen, candidates, xa[:, lo:hi])
     block_steps = step_of_position[active, rel_lo:rel_hi]

@@ -17,11 +17,18 @@ the result has shape (B, P, V).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from egspo.models.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
 
 
 def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -68,6 +75,10 @@ class DiffusionLM:
     shift: int = 0
     reference: nn.Module | None = None
     native: bool = field(default=False)
+    # torch.compile of ``model`` for rollouts, made on first use (:meth:`compiled_model`); not copied
+    # by dataclasses.replace, whose new model needs its own.
+    _compiled: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
+    _compiled_source: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def core(self) -> nn.Module:
@@ -107,12 +118,68 @@ class DiffusionLM:
             logits = self._shift(logits)
         return logits if positions is None else gather_positions(logits, positions)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: nn.Module | None = None
+    ) -> torch.Tensor:
         """Aligned features for :meth:`head`: final hidden states (native) or full logits (others)."""
+        model = self.model if model is None else model
         if self.native:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True).hidden_states
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True).hidden_states
             return self._shift(hidden) if self.shift else hidden
-        return self.logits(input_ids, attention_mask)
+        return self.logits(input_ids, attention_mask, model=model)
+
+    # -- KV-cached (approximate) forwards -------------------------------------------------------
+
+    def _require_native(self) -> None:
+        if not self.native:
+            raise ValueError(
+                "The KV-cached rollout (sampler.cache=prefix/dual) needs the native LLaDA or Dream models "
+                f"(egspo.models); {type(self.core).__name__} is a generic masked LM: use sampler.cache=none."
+            )
+
+    def encode_cached(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """:meth:`encode` (the same computation, so the same features) plus every layer's keys/values."""
+        self._require_native()
+        model = self.model if model is None else model
+        out = model(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True, return_kv=True)
+        hidden = out.hidden_states
+        return (self._shift(hidden) if self.shift else hidden), out.key_values
+
+    def encode_window(
+        self,
+        input_ids: torch.Tensor,
+        lo: int,
+        hi: int,
+        cache: KVCache,
+        attention_mask: torch.Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Aligned features (B, hi - lo, H) of positions [lo, hi) of ``input_ids`` (B, L), running only
+        those positions (and the one before for a shifted model, whose output there predicts ``lo``)
+        against ``cache`` (from :meth:`encode_cached` on the same rows): an approximation wherever the
+        tokens outside the window changed since the cache was made."""
+        self._require_native()
+        model = self.model if model is None else model
+        start = lo - self.shift
+        if start < 0:
+            raise ValueError(f"encode_window: a shifted model needs a position before lo={lo}.")
+        positions = torch.arange(start, hi, device=input_ids.device)
+        out = model(input_ids=input_ids[:, start:hi], attention_mask=attention_mask, return_hidden=True,
+                    past_kv=cache, kv_positions=positions)
+        # raw output at start + i predicts start + i + shift: the first hi - lo rows are [lo, hi)
+        return out.hidden_states[:, : hi - lo]
+
+    def compiled_model(self, backend: str = "inductor") -> nn.Module:
+        """``torch.compile(self.model, dynamic=False)``, made once and kept while ``model`` is the same
+        object (a peft wrapper included); ``backend`` applies when it is made. The compiled module shares
+        the parameters, so training updates are seen; each new input shape compiles once."""
+        if self._compiled is None or self._compiled_source is not self.model:
+            logger.info("Compiling the rollout forward of %s (backend %s).", type(self.core).__name__, backend)
+            self._compiled = torch.compile(self.model, dynamic=False, backend=backend)
+            self._compiled_source = self.model
+        return self._compiled
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from :meth:`encode` features (any leading shape)."""

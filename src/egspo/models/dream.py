@@ -28,6 +28,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from egspo.models.kv_cache import KVCache, LayerKV
 from egspo.models.llada import NativeDiffusionLM, RMSNorm, attend, run_blocks
 
 
@@ -133,12 +134,20 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        past_kv: LayerKV | None = None,
+        kv_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LayerKV]:
+        """The attention output and this call's keys/values (see :func:`~egspo.models.llada.attend`)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         dropout_p = self.attention_dropout if self.training else 0.0
         # RoPE in the activations' dtype (rope_full_precision=False), as the published Qwen2 code.
-        return self.o_proj(attend(x, projections, self.head_dim, (cos, sin), mask, False, dropout_p))
+        att, kv = attend(x, projections, self.head_dim, (cos, sin), mask, False, dropout_p, past_kv, kv_positions)
+        return self.o_proj(att), kv
 
 
 class DreamMLP(nn.Module):
@@ -164,10 +173,20 @@ class DreamDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        past_kv: LayerKV | None = None,
+        kv_positions: torch.Tensor | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, LayerKV]:
+        """``x`` after the layer; with ``return_kv`` also this layer's keys/values."""
+        att, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv, kv_positions)
+        x = x + att
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, kv) if return_kv else x
 
 
 class DreamBaseModel(nn.Module):
@@ -184,10 +203,19 @@ class DreamBaseModel(nn.Module):
         self.layers = nn.ModuleList(DreamDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Final-layer hidden states (B, L, hidden_size), before ``norm``."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_kv: KVCache | None = None,
+        kv_positions: torch.Tensor | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """Final-layer hidden states (B, L, hidden_size), before ``norm`` (cache arguments:
+        :func:`~egspo.models.llada.run_blocks`)."""
         x = self.embed_tokens(input_ids)
-        return run_blocks(x, self.layers, self.config.head_dim, self.config.rope_theta, attention_mask)
+        return run_blocks(x, self.layers, self.config.head_dim, self.config.rope_theta, attention_mask,
+                          past_kv, kv_positions, return_kv)
 
 
 class DreamModel(NativeDiffusionLM):

@@ -27,6 +27,7 @@ The helpers at the top (RMSNorm, RoPE, bidirectional SDPA, the block loop) and t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
 from egspo.models.adapter import gather_positions
+from egspo.models.kv_cache import KVCache, LayerKV, splice
 
 # Keyword arguments that generic callers (Trainer, peft) pass and that do not change what a
 # bidirectional, cache-free model computes. Anything else that is not None/False is an error, so that
@@ -103,7 +105,9 @@ def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None
     if attention_mask is None:
         return None
     keep = attention_mask.bool()
-    if bool(keep.all()):  # one host sync; saves the masked (slower) SDPA kernel in the common case
+    # one host sync; saves the masked (slower) SDPA kernel in the common case. Skipped under
+    # torch.compile, where it would break the graph (the sampler drops all-ones masks itself).
+    if not torch.compiler.is_compiling() and bool(keep.all()):
         return None
     keep = keep | ~keep.any(dim=-1, keepdim=True)
     return keep[:, None, None, :]
@@ -117,33 +121,74 @@ def attend(
     mask: torch.Tensor | None,
     rope_full_precision: bool,
     dropout_p: float,
-) -> torch.Tensor:
+    past_kv: LayerKV | None = None,
+    kv_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LayerKV]:
     """Bidirectional multi-head attention up to (not including) the output projection.
 
     ``projections`` are the q, k, v linears; the head counts follow from their output sizes (k/v may
-    have fewer heads: GQA). Returns (B, L, n_heads * head_dim).
+    have fewer heads: GQA). Returns (B, L, n_heads * head_dim) and this call's own keys/values (after
+    RoPE, before head repetition). With ``past_kv`` (the whole sequence's cached keys/values) ``x`` is a
+    window at ``kv_positions`` and ``rope`` its rows: the queries attend to the cache with the window's
+    fresh keys/values written in (see :mod:`egspo.models.kv_cache`).
     """
     b, length, _ = x.shape
     q, k, v = (proj(x).view(b, length, -1, head_dim).transpose(1, 2) for proj in projections)
     q, k = (apply_rotary(t, *rope, rope_full_precision) for t in (q, k))
+    fresh = LayerKV(k, v)
+    if past_kv is not None:
+        if kv_positions is None:
+            raise ValueError("attend: past_kv needs kv_positions, the window's positions in the sequence.")
+        k, v = splice(past_kv, fresh, kv_positions)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         # Explicit repeat rather than SDPA's enable_gqa: with a padding mask the fused CUDA kernels
         # that accept a mask do not all support GQA, and the fallback is the slow math kernel.
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False)
-    return out.transpose(1, 2).reshape(b, length, -1)
+    return out.transpose(1, 2).reshape(b, length, -1), fresh
 
 
 def run_blocks(
-    x: torch.Tensor, blocks: nn.ModuleList, head_dim: int, rope_theta: float, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Embedded tokens through every block; RoPE tables and the padding mask are built once here."""
-    cos, sin = rotary_cos_sin(x.shape[1], head_dim, rope_theta, x.device)
+    x: torch.Tensor,
+    blocks: nn.ModuleList,
+    head_dim: int,
+    rope_theta: float,
+    attention_mask: torch.Tensor | None,
+    past_kv: KVCache | None = None,
+    kv_positions: torch.Tensor | None = None,
+    return_kv: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+    """Embedded tokens through every block; RoPE tables and the padding mask are built once here.
+
+    ``return_kv=True`` also returns every layer's keys/values (the cache); ``past_kv`` with
+    ``kv_positions`` (W,) runs ``x`` (B, W, d) as a window of the cached sequence, whose length (and
+    that of ``attention_mask``) is the cache's.
+    """
+    if past_kv is not None:
+        if kv_positions is None or len(past_kv) != len(blocks):
+            raise ValueError(f"A windowed forward needs kv_positions and one cached layer per block ({len(blocks)}).")
+        cos, sin = rotary_cos_sin(past_kv[0].keys.shape[2], head_dim, rope_theta, x.device)
+        cos, sin = cos.index_select(0, kv_positions), sin.index_select(0, kv_positions)
+    else:
+        cos, sin = rotary_cos_sin(x.shape[1], head_dim, rope_theta, x.device)
     mask = key_padding_mask(attention_mask)
-    for block in blocks:
-        x = block(x, cos, sin, mask)  # positional, as gradient checkpointing requires
-    return x
+    if past_kv is None and not return_kv:
+        for block in blocks:
+            x = block(x, cos, sin, mask)  # positional, as gradient checkpointing requires
+        return x
+    layers: list[LayerKV] = []
+    for i, block in enumerate(blocks):
+        x, kv = block(x, cos, sin, mask, None if past_kv is None else past_kv[i], kv_positions, True)
+        layers.append(kv)
+    return (x, tuple(layers)) if return_kv else x
+
+
+@dataclass
+class NativeDiffusionOutput(MaskedLMOutput):
+    """:class:`MaskedLMOutput` plus ``key_values``: every layer's keys/values when ``return_kv=True``."""
+
+    key_values: KVCache | None = None
 
 
 class NativeDiffusionLM(PreTrainedModel):
@@ -184,24 +229,39 @@ class NativeDiffusionLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         logits_positions: torch.Tensor | None = None,
         return_hidden: bool = False,
+        return_kv: bool = False,
+        past_kv: KVCache | None = None,
+        kv_positions: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> MaskedLMOutput:
+    ) -> NativeDiffusionOutput:
         """``attention_mask`` (B, L) of 1/0 hides padded keys; ``logits_positions`` (P,) or (B, P) runs
         the LM head only there, giving logits (B, P, V); ``return_hidden=True`` returns the final
-        normed hidden states (B, L, H) as ``.hidden_states`` and no logits."""
+        normed hidden states (B, L, H) as ``.hidden_states`` and no logits.
+
+        Cached (approximate) rollouts, :mod:`egspo.models.kv_cache`: ``return_kv=True`` adds every
+        layer's keys/values as ``.key_values``; ``past_kv`` with ``kv_positions`` (W,) runs only the
+        window ``input_ids`` (B, W) at those positions against the cache (``attention_mask`` and
+        ``logits_positions`` then refer to the whole sequence and to the window respectively)."""
         for key, value in kwargs.items():
             if key not in _IGNORED_FORWARD_KWARGS and value is not None and value is not False:
                 raise TypeError(
                     f"{type(self).__name__}.forward does not support {key}={value!r}: it takes input_ids, "
                     "attention_mask, logits_positions and return_hidden."
                 )
-        hidden = self.model(input_ids, attention_mask)
+        key_values = None
+        if return_kv or past_kv is not None:
+            hidden = self.model(input_ids, attention_mask, past_kv, kv_positions, return_kv)
+            if return_kv:
+                hidden, key_values = hidden
+        else:
+            hidden = self.model(input_ids, attention_mask)
         if return_hidden:
-            return MaskedLMOutput(hidden_states=self.final_norm()(hidden))
+            return NativeDiffusionOutput(hidden_states=self.final_norm()(hidden), key_values=key_values)
         if logits_positions is not None:
             # The norm is per position, so gathering first is exact and skips L - P positions.
             hidden = gather_positions(hidden, logits_positions.to(hidden.device))
-        return MaskedLMOutput(logits=self.get_output_embeddings()(self.final_norm()(hidden)))
+        logits = self.get_output_embeddings()(self.final_norm()(hidden))
+        return NativeDiffusionOutput(logits=logits, key_values=key_values)
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -401,14 +461,24 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.residual_dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        past_kv: LayerKV | None = None,
+        kv_positions: torch.Tensor | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, LayerKV]:
+        """``x`` after the block; with ``return_kv`` also this layer's keys/values (see :func:`attend`)."""
         projections, rope = (self.q_proj, self.k_proj, self.v_proj), (cos, sin)
         dropout_p = self.attention_dropout if self.training else 0.0
-        att = attend(self.attn_norm(x), projections, self.head_dim, rope, mask, self.rope_full_precision, dropout_p)
+        att, kv = attend(self.attn_norm(x), projections, self.head_dim, rope, mask, self.rope_full_precision,
+                         dropout_p, past_kv, kv_positions)
         x = x + self.dropout(self.attn_out(att))
         h = self.ff_norm(x)
-        return x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
+        x = x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
+        return (x, kv) if return_kv else x
 
 
 class LLaDAModel(nn.Module):
@@ -430,10 +500,18 @@ class LLaDAModel(nn.Module):
             }
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Final-block hidden states (B, L, d_model), before ``ln_f``."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_kv: KVCache | None = None,
+        kv_positions: torch.Tensor | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """Final-block hidden states (B, L, d_model), before ``ln_f`` (cache arguments: :func:`run_blocks`)."""
         x = self.transformer.emb_drop(self.transformer.wte(input_ids))
-        return run_blocks(x, self.transformer.blocks, self.config.head_dim, self.config.rope_theta, attention_mask)
+        return run_blocks(x, self.transformer.blocks, self.config.head_dim, self.config.rope_theta, attention_mask,
+                          past_kv, kv_positions, return_kv)
 
 
 class LLaDAModelLM(NativeDiffusionLM):

@@ -116,6 +116,11 @@ class RLTrainer:
         self.scorer = RewardScorer.for_task(self.task, cfg.task.extra_reward_funcs, cfg.task.reward_weights)
 
         dlm, self.tokenizer = load_model(cfg.model, device=acc.device)
+        if cfg.sampler.cache != "none" and not dlm.native:
+            raise ConfigError(
+                f"sampler.cache={cfg.sampler.cache!r} needs the native LLaDA or Dream models; "
+                f"{cfg.model.name_or_path} loads as a generic masked LM: use sampler.cache=none."
+            )
         dlm = prepare_for_training(dlm, cfg.model, need_reference=cfg.rl.beta > 0)
         model = dlm.model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -201,8 +206,14 @@ class RLTrainer:
             adv, score_metrics = self._egspo_advantages(batch, selected, rewards)
             metrics.update(score_metrics)
             timings["time/score"] = time.perf_counter() - t0
+            old_logps = None
+            if cfg.sampler.cache != "none":
+                t0 = time.perf_counter()
+                old_logps, gap = self._exact_old_logps(batch.traj, selected)
+                metrics["approx/old_logp_gap"] = gap
+                timings["time/old_logps"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics.update(self._update_egspo(batch, selected, adv))
+            metrics.update(self._update_egspo(batch, selected, adv, old_logps))
         timings["time/update"] = time.perf_counter() - t0
         metrics.update(timings)
         total_tokens = float(self._gather(torch.tensor([batch.traj.sequences.numel()])).sum())
@@ -255,7 +266,39 @@ class RLTrainer:
         metrics["selected_per_rollout"] = float(result.weights.sum(1).mean())
         return adv.to(acc.device), metrics
 
-    def _update_egspo(self, batch: _Batch, selected: SelectedSteps, adv: torch.Tensor) -> dict[str, float]:
+    @torch.no_grad()
+    def _exact_old_logps(self, traj: Trajectory, selected: SelectedSteps) -> tuple[torch.Tensor, float]:
+        """(B, K) step log-probs (sums) of the selected actions under the exact model, and the mean
+        |approximate - exact| over the real selections.
+
+        A cached rollout (``sampler.cache``) records log-probs of an approximate forward, so a ratio
+        against them would not start at 1 and the clip would act on the approximation error. They are
+        recomputed here with the exact forward, before any update of this batch (the model is still the
+        rollout's policy), in eval mode as the rollout ran: one forward per selected-step slot, batched
+        over the rows.
+        """
+        acc = self.accelerator
+        traj = traj.to(acc.device)
+        steps = selected.steps.to(acc.device)
+        was_training = self.dlm.model.training
+        self.dlm.model.eval()
+        try:
+            with acc.autocast():
+                exact = torch.stack([action_logps(self.dlm, traj, steps[:, k])[0].float()
+                                     for k in range(steps.shape[1])], dim=1)
+        finally:
+            self.dlm.model.train(was_training)
+        approx = traj.step_logps.gather(1, steps)
+        weights = selected.weights.to(acc.device).float()
+        gap_sum = ((approx - exact).abs() * weights).sum().view(1)
+        totals = self._gather(torch.cat([gap_sum, weights.sum().view(1)]).view(1, 2)).sum(0)
+        return exact, float(totals[0] / totals[1].clamp_min(1))
+
+    def _update_egspo(
+        self, batch: _Batch, selected: SelectedSteps, adv: torch.Tensor, old_logps: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """K micro-batch updates; ``old_logps`` (B, K) replaces the sampler's recorded step log-probs
+        (the exact ones of an approximate, cached rollout)."""
         cfg, acc = self.cfg, self.accelerator
         traj = batch.traj.to(acc.device)
         steps_all = selected.steps.to(acc.device)
@@ -274,7 +317,10 @@ class RLTrainer:
             sub = traj if per_mb == 1 else traj.select_rows(rows)
             weights = weights_all[:, cols].T.reshape(-1)
             advantages = adv[:, cols].T.reshape(-1)
-            old = sub.step_logps.gather(1, steps.unsqueeze(1)).squeeze(1)
+            if old_logps is None:
+                old = sub.step_logps.gather(1, steps.unsqueeze(1)).squeeze(1)
+            else:
+                old = old_logps[:, cols].T.reshape(-1)
             ntok = sub.tokens_per_step.gather(1, steps.unsqueeze(1)).squeeze(1)
             if cfg.rl.logp_aggregation == "mean":
                 old = old / ntok.clamp_min(1)
@@ -302,6 +348,9 @@ class RLTrainer:
     # -- diffu-GRPO ---------------------------------------------------------------------------------
 
     def _update_diffu_grpo(self, batch: _Batch, rewards: torch.Tensor, step: int) -> dict[str, float]:
+        # Old, reference and current log-probs all come from the masked estimator on the final
+        # sequences, never from the sampler's recorded log-probs: an approximate (cached) rollout
+        # changes which completions are sampled but leaves this ratio exact.
         cfg, acc = self.cfg, self.accelerator
         traj = batch.traj.to(acc.device)
         adv = global_group_advantages(rewards, cfg.rl, gather=self._gather,

@@ -1,0 +1,281 @@
+"""The approximate KV-cached rollout (sampler.cache=prefix/dual) and the compiled rollout forward (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from egspo.config import ConfigError, ModelConfig, SamplerConfig, load_config
+from egspo.models.adapter import DiffusionLM, gather_positions
+from egspo.models.dream import DreamConfig, DreamModel
+from egspo.models.lora import prepare_for_training
+from egspo.models.tiny import random_model
+from egspo.ops import token_logprobs
+from egspo.rl.estimators import action_logps
+from egspo.sampling import sample
+
+from .conftest import TOY_MASK, TOY_VOCAB
+
+torch.set_num_threads(1)
+
+CACHES = ("prefix", "dual")
+DREAM_VOCAB, DREAM_MASK, DREAM_EOS = 100, 99, 98
+
+
+def _llada(n_kv_heads: int = 1) -> DiffusionLM:
+    """A micro LLaDA with grouped-query attention (2 query heads, 1 key/value head)."""
+    model, tok = random_model("tiny", seed=0, d_model=64, n_layers=2, n_heads=2, n_kv_heads=n_kv_heads,
+                              mlp_hidden_size=128)
+    return DiffusionLM(model=model, mask_id=tok.mask_token_id, stop_ids=(tok.eos_token_id,), native=True)
+
+
+def _dream() -> DiffusionLM:
+    torch.manual_seed(0)
+    config = DreamConfig(vocab_size=DREAM_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         mask_token_id=DREAM_MASK, eos_token_id=DREAM_EOS, pad_token_id=DREAM_EOS,
+                         bos_token_id=DREAM_EOS)
+    return DiffusionLM(model=DreamModel(config).eval(), mask_id=DREAM_MASK, stop_ids=(DREAM_EOS,), shift=1,
+                       native=True)
+
+
+MODELS = {"llada": _llada, "dream": _dream}
+
+
+def _prompts(batch: int = 3, length: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts: row 0 has 3 padding positions."""
+    ids = torch.randint(5, 90, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def _cfg(cache: str, **kw) -> SamplerConfig:
+    return SamplerConfig(**{"gen_length": 24, "block_length": 8, "steps": 12, "temperature": 1.0, "cache": cache,
+                            **kw})
+
+
+def _run(dlm: DiffusionLM, cfg: SamplerConfig, seed: int = 0, **kw):
+    ids, mask = _prompts()
+    return sample(dlm, ids, cfg, attention_mask=mask, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+# -- the models' windowed forward ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_window_against_a_fresh_cache_reproduces_the_full_forward(name):
+    dlm = MODELS[name]()
+    ids, mask = _prompts()
+    x = torch.cat([ids, torch.randint(5, 90, (3, 16), generator=torch.Generator().manual_seed(1))], dim=1)
+    full_mask = torch.cat([mask, torch.ones(3, 16, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        full = dlm.encode(x, full_mask)
+        features, cache = dlm.encode_cached(x, full_mask)
+        assert torch.equal(features, full), "the caching forward is the plain forward"
+        assert len(cache) == 2 and cache[0].keys.shape[2] == x.shape[1]
+        for lo, hi in ((7, 15), (15, 23), (7, 23)):
+            window = dlm.encode_window(x, lo, hi, cache, full_mask)
+            torch.testing.assert_close(window, full[:, lo:hi], rtol=1e-5, atol=1e-5)
+
+
+# -- the cached sampler ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache", CACHES)
+def test_cached_trajectory_is_valid(name, cache):
+    dlm = MODELS[name]()
+    cfg = _cfg(cache)
+    traj = _run(dlm, cfg)
+    assert (traj.step_of_position >= 0).all() and (traj.step_of_position < cfg.steps).all()
+    assert not (traj.completions == dlm.mask_id).any()
+    counts = torch.stack([(traj.step_of_position == t).sum(1) for t in range(cfg.steps)], dim=1)
+    assert torch.equal(counts, traj.tokens_per_step), "every position committed once, as scheduled"
+    block_of_position = torch.arange(cfg.gen_length) // cfg.block_length
+    assert torch.equal(traj.step_of_position // cfg.steps_per_block, block_of_position.expand(3, -1))
+    assert torch.isfinite(traj.step_logps).all() and (traj.step_logps < 0).all()
+    assert not (traj.greedy == dlm.mask_id).any()
+    # a committed position keeps its token in every later greedy completion
+    for t in range(cfg.steps):
+        committed = traj.step_of_position < t
+        assert torch.equal(traj.greedy[:, t][committed], traj.completions[committed])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache", CACHES)
+def test_first_step_of_every_block_is_the_exact_samplers(name, cache):
+    dlm = MODELS[name]()
+    cfg = _cfg(cache)
+    exact, cached = _run(dlm, _cfg("none")), _run(dlm, cfg)
+    # block 0 starts from the same state with the same random stream: bit-identical step
+    first = exact.step_of_position == 0
+    assert torch.equal(first, cached.step_of_position == 0)
+    assert torch.equal(exact.completions[first], cached.completions[first])
+    for field in ("step_logps", "step_entropy"):
+        assert torch.equal(getattr(exact, field)[:, 0], getattr(cached, field)[:, 0])
+    assert torch.equal(exact.greedy[:, 0], cached.greedy[:, 0])
+    # every block's first step: the recorded log-prob is the exact model's on the rebuilt state
+    for t in range(0, cfg.steps, cfg.steps_per_block):
+        steps = torch.full((3,), t)
+        with torch.no_grad():
+            logp = action_logps(dlm, cached, steps)[0]
+        torch.testing.assert_close(logp, cached.step_logps[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache", CACHES)
+def test_recorded_logps_and_greedy_match_a_recomputation_with_the_same_cache(name, cache):
+    dlm = MODELS[name]()
+    cfg = _cfg(cache)
+    traj = _run(dlm, cfg)
+    lp, per_block = traj.prompt_length, cfg.steps_per_block
+    gaps = []
+    for t in range(cfg.steps):
+        block, first = divmod(t, per_block)[0], t - t % per_block
+        lo, hi = lp + block * cfg.block_length, lp + (block + 1) * cfg.block_length
+        state = traj.states(torch.full((3,), t))
+        positions, tokens, valid = traj.actions(torch.full((3,), t))
+        with torch.no_grad():
+            block_start, cache_kv = dlm.encode_cached(traj.states(torch.full((3,), first)), traj.attention_mask)
+            end = state.shape[1] if cache == "prefix" else hi
+            window = dlm.encode_window(state, lo, end, cache_kv, traj.attention_mask)
+            logits = gather_positions(dlm.head(window[:, : hi - lo]), positions - lo)
+            exact = action_logps(dlm, traj, torch.full((3,), t))[0]
+        logp = torch.where(valid, token_logprobs(logits, tokens), 0.0).sum(1)
+        torch.testing.assert_close(logp, traj.step_logps[:, t], rtol=1e-4, atol=1e-4)
+        # greedy tail: this step's window (prefix) or the block start's forward (dual, stale)
+        tail_features = window[:, hi - lo :] if cache == "prefix" else block_start[:, hi:]
+        if tail_features.shape[1]:
+            tail_logits = dlm.head(tail_features)
+            tail_logits[..., dlm.mask_id] = float("-inf")
+            assert torch.equal(traj.greedy[:, t, hi - lp :], tail_logits.argmax(-1))
+        gaps.append(float((exact - traj.step_logps[:, t]).abs().max()))
+    assert max(gaps[0::per_block]) < 1e-4, "block starts are exact"
+    assert max(gaps) > 1e-6, "later steps are approximate"
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_stop_at_eos_subsets_the_cache_rows(cache):
+    """Greedy decoding is row-independent: each row of a batch where some rows end early (and are
+    dropped from the forwards and the cache) equals that row decoded alone."""
+    dlm = _llada()
+    head = dlm.core.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    cfg = _cfg(cache, temperature=0.0, stop_at_eos=True)
+    ids = torch.randint(5, 90, (6, 5), generator=torch.Generator().manual_seed(4))
+    # favour the end token just enough that some rows end before the last block and others do not
+    for eos_bias in torch.arange(0.2, 0.6, 0.05).tolist():
+        with torch.no_grad():
+            head.bias[dlm.eos_id] = eos_bias
+        batch = sample(dlm, ids, cfg)
+        ended_early = batch.forced.any(1)
+        if ended_early.any() and not ended_early.all():
+            break
+    else:
+        pytest.fail("no end-token bias gives rows that end at different blocks")
+    for row in range(ids.shape[0]):
+        alone = sample(dlm, ids[row : row + 1], cfg)
+        assert torch.equal(alone.sequences[0], batch.sequences[row])
+        torch.testing.assert_close(alone.step_logps[0], batch.step_logps[row], rtol=1e-5, atol=1e-5)
+        assert torch.equal(alone.greedy[0], batch.greedy[row])
+
+
+def test_cache_needs_a_native_model(bert_dlm):
+    ids = torch.randint(5, TOY_VOCAB, (2, 4))
+    with pytest.raises(ConfigError, match="native LLaDA or Dream"):
+        sample(bert_dlm, ids, SamplerConfig(gen_length=8, block_length=8, steps=4, cache="dual"))
+    assert not (sample(bert_dlm, ids, SamplerConfig(gen_length=8, block_length=8, steps=4)).completions
+                == TOY_MASK).any()
+
+
+def test_bad_cache_value_names_the_field():
+    with pytest.raises(ConfigError, match=r"sampler\.cache='full'"):
+        SamplerConfig(cache="full")
+    with pytest.raises(ConfigError, match=r"sampler\.cache"):
+        load_config(None, ["sampler.cache=exact"])
+    assert load_config(None, ["sampler.cache=dual", "sampler.compile=true"]).sampler.compile is True
+
+
+# -- compiled rollout forward -----------------------------------------------------------------------
+
+
+def _eager_compiled(dlm: DiffusionLM) -> DiffusionLM:
+    """Compile once with the "eager" backend (no C++ toolchain or minutes of inductor on a CPU)."""
+    dlm.compiled_model(backend="eager")
+    return dlm
+
+
+@pytest.mark.parametrize("cache", ("none", "dual"))
+def test_compiled_rollout_matches_the_uncompiled_one(cache):
+    dlm = _eager_compiled(_llada())
+    compiled_module = dlm.compiled_model()
+    plain, compiled = _run(dlm, _cfg(cache)), _run(dlm, _cfg(cache, compile=True))
+    assert dlm.compiled_model() is compiled_module, "compiled once and kept"
+    assert torch.equal(plain.sequences, compiled.sequences)
+    torch.testing.assert_close(plain.step_logps, compiled.step_logps, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_rollout_through_a_peft_model():
+    dlm = _llada(n_kv_heads=2)
+    lora = ModelConfig(name_or_path="builtin:tiny", lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    dlm = _eager_compiled(prepare_for_training(dlm, lora, need_reference=False))
+    with torch.no_grad():  # a non-zero adapter, so the LoRA branch matters
+        for name, param in dlm.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    plain, compiled = _run(dlm, _cfg("prefix")), _run(dlm, _cfg("prefix", compile=True))
+    assert torch.equal(plain.sequences, compiled.sequences)
+    torch.testing.assert_close(plain.step_logps, compiled.step_logps, rtol=1e-5, atol=1e-5)
+    assert dlm.model.training, "the sampler restores the training mode"
+
+
+# -- training with an approximate rollout --------------------------------------------------------
+
+
+def test_trainer_with_dual_cache_recomputes_old_logps_exactly(micro_model, prompts_file, tmp_path):
+    from egspo.rl.trainer import RLTrainer
+
+    from .test_trainer import make_config
+
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=2", "sampler.cache=dual",
+                      "sampler.gen_length=16", "sampler.steps=8")
+    trainer = RLTrainer(cfg)
+    recorded: list[torch.Tensor] = []
+    original = trainer._exact_old_logps
+
+    def spy(traj, selected):
+        exact, gap = original(traj, selected)
+        approx = traj.step_logps.gather(1, selected.steps)
+        w = selected.weights.bool()
+        assert abs(gap - float((approx - exact)[w].abs().mean())) < 1e-5
+        # the exact old log-probs are those of the rollout's model on the rebuilt states
+        with torch.no_grad():
+            check = action_logps(trainer.dlm, traj, selected.steps[:, 0])[0]
+        torch.testing.assert_close(exact[:, 0], check, rtol=1e-5, atol=1e-5)
+        recorded.append(exact)
+        return exact, gap
+
+    trainer._exact_old_logps = spy
+    trainer.run()
+    assert len(recorded) == 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["approx/old_logp_gap"] >= 0 and m["time/old_logps"] > 0
+    assert any(m["approx/old_logp_gap"] > 0 for m in lines), "the second block's steps are approximate"
+
+
+def test_exact_trainer_logs_no_gap(micro_model, prompts_file, tmp_path):
+    from egspo.rl.trainer import RLTrainer
+
+    from .test_trainer import make_config
+
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1")
+    trainer = RLTrainer(cfg)
+    trainer._exact_old_logps = None  # never called on the exact path
+    trainer.run()
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "approx/old_logp_gap" not in line and "time/old_logps" not in line
