@@ -97,6 +97,9 @@ def sample(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
 
+    # FSDP / ZeRO-3 gather weights in every forward: all processes must run the same forwards, even
+    # one whose rows have all ended (it runs them on scratch copies).
+    lockstep = dlm.sharded
     was_training = dlm.model.training
     dlm.model.eval()
     try:
@@ -115,6 +118,8 @@ def sample(
                         dlm, x, attention_mask, active, lo, hi, n, t, config, generator,
                         step_of_position, position_logps, position_entropy, step_logps, step_entropy, greedy,
                     )
+                elif lockstep:
+                    _idle_step(dlm, x, attention_mask, lo, hi, n, t, config, step_of_position, greedy)
                 t += 1
     finally:
         dlm.model.train(was_training)
@@ -188,7 +193,9 @@ def _model_step(
         # one-step greedy completion of s_t: argmax at every masked completion position, chunked
         greedy_a = xa[:, prompt_len:].clone()
         greedy_a[:, rel_lo:rel_hi] = torch.where(eligible, block_greedy, greedy_a[:, rel_lo:rel_hi])
-        chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, xa.shape[0] * vocab))
+        # sized by the whole batch, not the active rows: the number of head calls is then the same on
+        # every process (FSDP / ZeRO-3 need that)
+        chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, x.shape[0] * vocab))
         for start in range(hi, x.shape[1], chunk):
             stop = min(start + chunk, x.shape[1])
             chunk_logits = _without_mask(dlm.head(features[:, start:stop]), dlm.mask_id)
@@ -207,6 +214,32 @@ def _model_step(
     step_logps[active, t] = (logps * chosen_f).sum(1)
     step_entropy[active, t] = (entropies * chosen_f).sum(1) / n
     x[active, lo:hi] = new_block
+
+
+def _idle_step(
+    dlm: DiffusionLM,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    lo: int,
+    hi: int,
+    n: int,
+    t: int,
+    config: SamplerConfig,
+    step_of_position: torch.Tensor,
+    greedy: torch.Tensor | None,
+) -> None:
+    """The forwards of :func:`_model_step` on scratch copies, results discarded (lockstep, all rows ended).
+
+    All rows, so that the number of head calls (chunks sized by the batch) matches the other processes.
+    """
+    batch, steps = x.shape[0], config.steps
+    rows = torch.arange(batch, device=x.device)
+    scratch = torch.zeros(step_of_position.shape, device=x.device)
+    _model_step(
+        dlm, x.clone(), attention_mask, rows, lo, hi, n, t, config, None, step_of_position.clone(),
+        scratch, scratch.clone(), torch.zeros(batch, steps, device=x.device), torch.zeros(batch, steps, device=x.device),
+        None if greedy is None else torch.empty_like(greedy),
+    )
 
 
 def _force_end(

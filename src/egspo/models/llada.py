@@ -180,21 +180,30 @@ class NativeDiffusionLM(PreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_positions: torch.Tensor | None = None,
         return_hidden: bool = False,
+        head_inputs: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput:
         """``attention_mask`` (B, L) of 1/0 hides padded keys; ``logits_positions`` (P,) or (B, P) runs
         the LM head only there, giving logits (B, P, V); ``return_hidden=True`` returns the final
-        normed hidden states (B, L, H) as ``.hidden_states`` and no logits."""
+        normed hidden states (B, L, H) as ``.hidden_states`` and no logits.
+
+        ``head_inputs`` (..., H), hidden states from ``return_hidden=True``, skips the blocks and
+        returns only the LM head's logits of them: the way to run the head of a model whose weights
+        are whole only inside its wrapped forward (FSDP, ZeRO-3)."""
         for key, value in kwargs.items():
             if key not in _IGNORED_FORWARD_KWARGS and value is not None and value is not False:
                 raise TypeError(
                     f"{type(self).__name__}.forward does not support {key}={value!r}: it takes input_ids, "
-                    "attention_mask, logits_positions and return_hidden."
+                    "attention_mask, logits_positions, return_hidden and head_inputs."
                 )
+        if head_inputs is not None:
+            return MaskedLMOutput(logits=self.get_output_embeddings()(head_inputs))
+        if input_ids is None:
+            raise TypeError(f"{type(self).__name__}.forward needs input_ids (or head_inputs).")
         hidden = self.model(input_ids, attention_mask)
         if return_hidden:
             return MaskedLMOutput(hidden_states=self.final_norm()(hidden))
