@@ -32,10 +32,13 @@ needs_gloo = pytest.mark.skipif(
 )
 
 
-def launch(processes: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``python ARGS`` in ``processes`` CPU processes (torchrun + gloo when more than one)."""
+def launch(
+    processes: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` in ``processes`` CPU processes (torchrun + gloo when more than one); ``env`` adds
+    variables (e.g. an accelerate config's)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     prefix = [sys.executable]
     if processes > 1:
         prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

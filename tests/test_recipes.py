@@ -87,8 +87,9 @@ def test_accelerate_configs_load(name):
     expected = {"ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP}.get(name, DistributedType.DEEPSPEED)
     assert cfg.distributed_type == expected
     if name == "fsdp":
-        assert cfg.fsdp_config["fsdp_use_orig_params"] is True
+        assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
         assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LLaDALlamaBlock"
     if name.startswith("deepspeed"):
         assert cfg.deepspeed_config["zero_stage"] == int(name[-1])
         assert cfg.deepspeed_config["gradient_clipping"] == 0.2
+        assert cfg.deepspeed_config["zero3_init_flag"] is False

@@ -4,6 +4,18 @@ A checkpoint holds the trainable weights (the LoRA adapter in peft's format, usa
 --adapter``, or the full model), the optimizer, the LR scheduler, every process's RNG states and the
 trainer state (step, data position), plus the resolved config. Only directories that were renamed
 into place count as checkpoints, so a run killed mid-save never leaves a partial "latest" one.
+
+Under sharded training the weights are always written whole (a complete adapter or model that loads
+in one process), and every process takes part in gathering them:
+
+- FSDP (1 or 2): torch's ``get_model_state_dict`` / ``get_optimizer_state_dict`` with
+  ``full_state_dict=True`` gather the full weights and the full optimizer state (keyed by parameter
+  name) to process 0, which writes them; a resume gives each process its shard back
+  (``set_*_state_dict``), so it also works with another number of processes.
+- DeepSpeed: the full weights come from the engine (ZeRO-3: its 16-bit gather, which needs
+  ``zero3_save_16bit_model: true``); the partitioned optimizer state is written by DeepSpeed itself
+  (``engine.save_checkpoint`` into ``deepspeed/``, one file per process) and read back by
+  ``engine.load_checkpoint``, which needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -22,11 +34,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from egspo.config import Config, ConfigError, save_config
-from egspo.models.adapter import strip_parallel
+from egspo.models.adapter import strip_parallel, weights_sharded
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+#: Prefixes that FSDP1 and activation-checkpoint wrappers put in parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: The DeepSpeed engine's own checkpoint (partitioned optimizer state) inside a checkpoint directory.
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -77,8 +94,50 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def unwrap_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters named as in the peft/transformers model, without DDP/compile prefixes."""
-    return list(strip_parallel(model).named_parameters())
+    """Parameters named as in the peft/transformers model, without DDP/FSDP/compile prefixes."""
+    return [(_clean_name(n), p) for n, p in strip_parallel(model).named_parameters()]
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def is_deepspeed(model: nn.Module) -> bool:
+    """A DeepSpeed engine (what ``accelerator.prepare`` returns under DeepSpeed)."""
+    return callable(getattr(model, "zero_optimization_stage", None)) and callable(getattr(model, "save_checkpoint", None))
+
+
+def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+
+
+def gather_full_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a sharded model, on CPU on process 0 (empty elsewhere); None if unsharded.
+
+    Every process must call it under FSDP and ZeRO-3 (it is a collective).
+    """
+    if is_deepspeed(model):
+        if model.zero_optimization_stage() == 3:
+            if not model.zero_gather_16bit_weights_on_model_save():
+                raise ConfigError(
+                    "DeepSpeed ZeRO-3 checkpoints need the full weights gathered: set zero3_save_16bit_model: true "
+                    "(stage3_gather_16bit_weights_on_model_save) in the accelerate/DeepSpeed config."
+                )
+            state = model._zero3_consolidated_16bit_state_dict() or {}
+        else:
+            state = strip_parallel(model).state_dict()
+    elif weights_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        return None
+    return {_clean_name(k): v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def save_checkpoint(
@@ -109,14 +168,34 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng_state_{process_index}.pt")
+    full = gather_full_weights(model)  # collective under FSDP / ZeRO-3
+    optimizer_state = None
+    if is_deepspeed(model):  # every process writes its optimizer partition
+        # the frozen base weights are not state to resume (they are in the model's own files)
+        model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                              exclude_frozen_parameters=True)
+    elif full is not None:  # FSDP: the full optimizer state, keyed by parameter name (collective)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        optimizer_state = get_optimizer_state_dict(
+            model, _base_optimizer(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if process_index == 0:
         inner = strip_parallel(model)
         weights_dir = tmp / ("adapter" if hasattr(inner, "peft_config") else "model")
-        inner.save_pretrained(weights_dir)
+        if full is None:
+            inner.save_pretrained(weights_dir)
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        else:
+            trainable = [n for n, p in unwrap_named(model) if p.requires_grad]
+            save_file({n: full[n] for n in trainable}, str(tmp / "trainable.safetensors"))
+            inner.save_pretrained(weights_dir, state_dict=dict(full))  # transformers empties the dict it gets
         if tokenizer is not None:  # a checkpoint directory then loads on its own
             tokenizer.save_pretrained(weights_dir)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not is_deepspeed(model):
+            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step,
                                                             "num_processes": num_processes}, indent=2))
@@ -149,10 +228,19 @@ def load_checkpoint(
     missing = [n for n in weights if n not in params]
     if missing:
         raise RuntimeError(f"Checkpoint {path} has weights the model lacks (different LoRA/model setup?): {missing[:3]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    if is_deepspeed(model):
+        _load_deepspeed(path, model)
+    elif weights_sharded(model):
+        _load_fsdp(path, model, optimizer, weights)
+    else:
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        if _keyed_by_name(state):
+            raise ConfigError(f"{path} was written by an FSDP run; resume it under FSDP (its optimizer state is keyed "
+                              "by parameter name).")
+        optimizer.load_state_dict(state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_state_{process_index}.pt"
     if rng_file.exists():
@@ -160,3 +248,36 @@ def load_checkpoint(
     state = json.loads((path / "trainer_state.json").read_text())
     logger.info("Resumed from %s (step %d)", path, state["step"])
     return state
+
+
+def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
+    groups = optimizer_state.get("param_groups") or [{}]
+    return any(isinstance(p, str) for p in groups[0].get("params", []))
+
+
+def _load_fsdp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor]) -> None:
+    """Give every FSDP process its shard of the checkpoint's full weights and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    if not _keyed_by_name(state):
+        raise ConfigError(f"{path} was written by a DDP or single-process run; its optimizer state cannot be "
+                          "resumed under FSDP. Resume it without FSDP.")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, _base_optimizer(optimizer), state, options=options)
+
+
+def _load_deepspeed(path: Path, engine: Any) -> None:
+    """Weights and the partitioned optimizer state from DeepSpeed's own checkpoint (same process count)."""
+    ds_dir = path / DEEPSPEED_DIR
+    if not ds_dir.is_dir():
+        raise ConfigError(f"{path} has no {DEEPSPEED_DIR}/ (written without DeepSpeed); resume it without DeepSpeed.")
+    loaded, _ = engine.load_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=False)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load {ds_dir} (tag {DEEPSPEED_TAG!r}).")

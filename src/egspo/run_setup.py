@@ -1,7 +1,9 @@
-"""What every training command sets up the same way: the accelerator, the run directory, the optimizer."""
+"""What every training command sets up the same way: the accelerator, the run directory, the optimizer,
+``prepare`` (with what DeepSpeed needs told) and gradient clipping."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from egspo.config import ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def make_accelerator(train: TrainConfig) -> Accelerator:
@@ -47,3 +51,64 @@ def make_optimizer(
     scheduler = get_scheduler("constant_with_warmup" if train.lr_scheduler == "constant" else "cosine",
                               optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=optimizer_steps)
     return optimizer, scheduler
+
+
+def configure_deepspeed(accelerator: Accelerator, train: TrainConfig) -> None:
+    """Tell the DeepSpeed plugin (if any) what it would otherwise read from a dataloader or default.
+
+    accelerate takes the micro-batch size from a prepared dataloader, and egspo prepares none: the
+    micro-batch is ``train.per_device_batch_size`` rows. DeepSpeed clips gradients itself, by its
+    ``gradient_clipping`` (accelerate fills "auto" with 1.0): it is set to ``train.max_grad_norm``,
+    so the config stays the one source of truth (0 = no clipping, as in DeepSpeed).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = train.per_device_batch_size
+    previous = config.get("gradient_clipping", "auto")
+    if previous != "auto" and float(previous) != float(train.max_grad_norm):
+        logger.warning("DeepSpeed gradient_clipping=%s replaced by train.max_grad_norm=%s.", previous,
+                       train.max_grad_norm)
+    config["gradient_clipping"] = float(train.max_grad_norm)
+
+
+def prepare_model_and_optimizer(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: TrainConfig,
+    reference: torch.nn.Module | None = None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """``accelerator.prepare(model, optimizer)`` under DDP, FSDP or DeepSpeed (see :func:`configure_deepspeed`).
+
+    ``reference`` is the frozen KL reference copy of full fine-tuning, if any: refused under ZeRO-3.
+    """
+    configure_deepspeed(accelerator, train)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if reference is not None and plugin is not None and plugin.zero_stage == 3:
+        # Seen on CPU: after the ZeRO-3 engine is built, the (unsharded) copy has empty weights; a
+        # reference with its own ZeRO-3 engine, as TRL builds one, is not implemented.
+        raise ConfigError(
+            "Full fine-tuning with a KL term (model.lora=false, rl.beta>0) does not run under DeepSpeed ZeRO-3: "
+            "its frozen reference copy is not sharded. Use FSDP (configs/accelerate/fsdp.yaml), ZeRO-2, "
+            "LoRA (model.lora=true) or rl.beta=0."
+        )
+    return accelerator.prepare(model, optimizer)
+
+
+def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> float | None:
+    """Clip the synchronised gradients of ``model`` to ``max_norm``; return their norm before clipping.
+
+    All of the prepared model's parameters are passed (frozen ones have no gradient): accelerate runs
+    FSDP's sharded clipping only for exactly ``model.parameters()``; a subset (the LoRA weights) would
+    be clipped by each process's local shard norm. Under DeepSpeed the engine has already clipped (by
+    ``gradient_clipping``, see :func:`configure_deepspeed`) and this only reads the norm (None before
+    the engine's first step).
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    if norm is None:
+        return None
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(norm)

@@ -124,6 +124,15 @@ def sample(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
 
+    # FSDP / ZeRO-3 gather weights in every forward: all processes must run the same forwards, even
+    # one whose rows have all ended (it runs them on scratch copies).
+    lockstep = dlm.sharded
+    if lockstep and config.cache != "none":
+        raise ConfigError(
+            f"sampler.cache={config.cache!r} is not supported with a sharded model (FSDP / ZeRO-3): "
+            "use sampler.cache=none, or DDP / ZeRO-2."
+        )
+    chunk_rows = batch if lockstep else None
     was_training = dlm.model.training
     dlm.model.eval()
     try:
@@ -150,7 +159,7 @@ def sample(
                         # the fresh cache makes this step the exact sampler's step
                         features, cache = dlm.encode_cached(xa, mask_a, model=model)
                         if config.cache == "dual" and greedy is not None:
-                            stale_tail = _greedy_tokens(dlm, features[:, hi:])
+                            stale_tail = _greedy_tokens(dlm, features[:, hi:], chunk_rows)
                     elif config.cache == "prefix":
                         features = dlm.encode_window(xa, lo, xa.shape[1], cache, mask_a, model=model)
                     else:
@@ -160,13 +169,15 @@ def sample(
                     tail_greedy = None
                     if greedy is not None:
                         use_stale = config.cache == "dual"
-                        tail_greedy = stale_tail if use_stale else _greedy_tokens(dlm, features[:, offset + hi - lo :])
+                        tail_greedy = stale_tail if use_stale else _greedy_tokens(dlm, features[:, offset + hi - lo :], chunk_rows)
                     _model_step(
                         dlm, x, xa, features[:, offset : offset + hi - lo], tail_greedy, active, lo, hi, n, t,
                         config, generator, step_of_position, position_logps, position_entropy, step_logps,
                         step_entropy, greedy,
                     )
                     del features
+                elif lockstep:
+                    _idle_step(dlm, model, x, attention_mask, lo, hi, n, t, config, step_of_position, greedy)
                 t += 1
     finally:
         dlm.model.train(was_training)
@@ -203,13 +214,16 @@ def _rollout_model(dlm: DiffusionLM, config: SamplerConfig) -> nn.Module:
     return dlm.compiled_model()
 
 
-def _greedy_tokens(dlm: DiffusionLM, features: torch.Tensor) -> torch.Tensor:
-    """Argmax tokens (mask excluded) of ``features`` (B, P, H), the LM head run in bounded chunks."""
+def _greedy_tokens(dlm: DiffusionLM, features: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """Argmax tokens (mask excluded) of ``features`` (B, P, H), the LM head run in bounded chunks.
+
+    ``chunk_rows`` sizes the chunks for that many rows instead of B: sharded models (FSDP / ZeRO-3)
+    pass the whole batch so that every process makes the same number of head calls."""
     out = torch.empty(features.shape[:2], dtype=torch.long, device=features.device)
     if features.shape[1] == 0:
         return out
     vocab = dlm.core.get_output_embeddings().out_features if dlm.native else features.shape[-1]
-    chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, features.shape[0] * vocab))
+    chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, (chunk_rows or features.shape[0]) * vocab))
     for start in range(0, features.shape[1], chunk):
         stop = min(start + chunk, features.shape[1])
         out[:, start:stop] = _without_mask(dlm.head(features[:, start:stop]), dlm.mask_id).argmax(-1)
@@ -279,6 +293,36 @@ def _model_step(
     step_logps[active, t] = (logps * chosen_f).sum(1)
     step_entropy[active, t] = (entropies * chosen_f).sum(1) / n
     x[active, lo:hi] = new_block
+
+
+def _idle_step(
+    dlm: DiffusionLM,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    lo: int,
+    hi: int,
+    n: int,
+    t: int,
+    config: SamplerConfig,
+    step_of_position: torch.Tensor,
+    greedy: torch.Tensor | None,
+) -> None:
+    """The forwards of an exact step on scratch copies, results discarded (lockstep, all rows ended).
+
+    All rows, so that the number of head calls (chunks sized by the batch) matches the other processes.
+    """
+    batch, steps = x.shape[0], config.steps
+    rows = torch.arange(batch, device=x.device)
+    scratch_x = x.clone()
+    features = dlm.encode(scratch_x, attention_mask, model=model)
+    tail = _greedy_tokens(dlm, features[:, hi:], batch) if greedy is not None else None
+    scratch = torch.zeros(step_of_position.shape, device=x.device)
+    _model_step(
+        dlm, scratch_x, scratch_x, features[:, lo:hi], tail, rows, lo, hi, n, t, config, None,
+        step_of_position.clone(), scratch, scratch.clone(), torch.zeros(batch, steps, device=x.device),
+        torch.zeros(batch, steps, device=x.device), None if greedy is None else torch.empty_like(greedy),
+    )
 
 
 def _force_end(

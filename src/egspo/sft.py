@@ -30,7 +30,8 @@ from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
 from egspo.rl.batching import encode_prompts
 from egspo.rl.metrics import MetricsWriter
-from egspo.run_setup import check_output_dir, make_accelerator, make_optimizer
+from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
+                              prepare_model_and_optimizer)
 from egspo.tasks import format_prompt, get_task
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def sft(cfg: Config, resume: bool = False) -> Path:
     pairs = sft_pairs(cfg, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.max_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train)
     start = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -134,7 +135,7 @@ def sft(cfg: Config, resume: bool = False) -> Path:
                 acc.backward(loss)
                 if acc.sync_gradients:
                     if cfg.train.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                        clip_gradients(acc, model, cfg.train.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)

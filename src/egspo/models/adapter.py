@@ -51,6 +51,24 @@ def strip_parallel(model: nn.Module) -> nn.Module:
             return model
 
 
+def weights_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is prepared so that its weights are whole only inside its forward: FSDP
+    (``FullyShardedDataParallel`` or FSDP2 ``fully_shard``) or a DeepSpeed ZeRO-3 engine.
+
+    Such a model's submodules must not be called directly (they would see shards), and every process
+    must run the same sequence of forwards, since each one gathers weights collectively.
+    """
+    while hasattr(model, "_orig_mod"):  # torch.compile
+        model = model._orig_mod
+    from torch.distributed import fsdp
+
+    fsdp_module = getattr(fsdp, "FSDPModule", None)  # FSDP2 (torch >= 2.6 exports it here)
+    if isinstance(model, (fsdp.FullyShardedDataParallel, *([fsdp_module] if fsdp_module else []))):
+        return True
+    stage = getattr(model, "zero_optimization_stage", None)  # a DeepSpeed engine
+    return callable(stage) and stage() == 3
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under DDP/FSDP/compile and peft wrappers."""
     model = strip_parallel(model)
@@ -181,9 +199,16 @@ class DiffusionLM:
             self._compiled_source = self.model
         return self._compiled
 
+    @property
+    def sharded(self) -> bool:
+        """True under FSDP / ZeRO-3 (:func:`weights_sharded`): every process must run the same forwards."""
+        return weights_sharded(self.model)
+
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from :meth:`encode` features (any leading shape)."""
         if self.native:
+            if self.sharded:  # the head's weight is whole only inside the wrapped forward
+                return self.model(head_inputs=features).logits
             return self.core.get_output_embeddings()(features)
         return features
 
@@ -205,8 +230,32 @@ class DiffusionLM:
                 "No reference policy: full fine-tuning needs a frozen copy (DiffusionLM.reference) "
                 "and LoRA training a peft model; set rl.beta=0 to train without KL."
             )
+        if self.sharded:
+            with _adapters_bypassed(peft_model):
+                yield self.model
+            return
         with peft_model.disable_adapter():
             yield self.model
+
+
+@contextlib.contextmanager
+def _adapters_bypassed(peft_model: nn.Module) -> Iterator[None]:
+    """The adapter layers skipped in the forward, their weights' ``requires_grad`` left alone.
+
+    peft's ``disable_adapter`` also switches the adapter weights' ``requires_grad`` off and on. Under
+    FSDP2 the switch lands on whichever parameters are registered at that moment: after a forward
+    that did not reshard (accelerate keeps the LM head's group gathered), those are temporary
+    unsharded copies, and the sharded weights the optimizer updates stay frozen for good.
+    """
+    layers = [m for m in peft_model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "adapter_layer_names")]
+    previous = [m._disable_adapters for m in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer._disable_adapters = was
 
 
 def _find_peft(model: nn.Module) -> nn.Module | None:

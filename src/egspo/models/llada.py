@@ -225,13 +225,14 @@ class NativeDiffusionLM(PreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_positions: torch.Tensor | None = None,
         return_hidden: bool = False,
         return_kv: bool = False,
         past_kv: KVCache | None = None,
         kv_positions: torch.Tensor | None = None,
+        head_inputs: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> NativeDiffusionOutput:
         """``attention_mask`` (B, L) of 1/0 hides padded keys; ``logits_positions`` (P,) or (B, P) runs
@@ -241,13 +242,21 @@ class NativeDiffusionLM(PreTrainedModel):
         Cached (approximate) rollouts, :mod:`egspo.models.kv_cache`: ``return_kv=True`` adds every
         layer's keys/values as ``.key_values``; ``past_kv`` with ``kv_positions`` (W,) runs only the
         window ``input_ids`` (B, W) at those positions against the cache (``attention_mask`` and
-        ``logits_positions`` then refer to the whole sequence and to the window respectively)."""
+        ``logits_positions`` then refer to the whole sequence and to the window respectively).
+
+        ``head_inputs`` (..., H), hidden states from ``return_hidden=True``, skips the blocks and
+        returns only the LM head's logits of them: the way to run the head of a model whose weights
+        are whole only inside its wrapped forward (FSDP, ZeRO-3)."""
         for key, value in kwargs.items():
             if key not in _IGNORED_FORWARD_KWARGS and value is not None and value is not False:
                 raise TypeError(
                     f"{type(self).__name__}.forward does not support {key}={value!r}: it takes input_ids, "
-                    "attention_mask, logits_positions and return_hidden."
+                    "attention_mask, logits_positions, return_hidden and head_inputs."
                 )
+        if head_inputs is not None:
+            return NativeDiffusionOutput(logits=self.get_output_embeddings()(head_inputs))
+        if input_ids is None:
+            raise TypeError(f"{type(self).__name__}.forward needs input_ids (or head_inputs).")
         key_values = None
         if return_kv or past_kv is not None:
             hidden = self.model(input_ids, attention_mask, past_kv, kv_positions, return_kv)

@@ -41,7 +41,8 @@ from egspo.rl.losses import completion_token_mask, diffu_grpo_loss, egspo_step_l
 from egspo.rl.metrics import MetricsWriter, step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
-from egspo.run_setup import check_output_dir, make_accelerator, make_optimizer
+from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
+                              prepare_model_and_optimizer)
 from egspo.sampling import sample
 from egspo.tasks import format_prompt, get_task
 from egspo.trajectory import Trajectory
@@ -126,9 +127,8 @@ class RLTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer_steps = math.ceil(cfg.train.max_steps * updates / cfg.train.gradient_accumulation_steps)
         optimizer, self.scheduler = make_optimizer(params, cfg.train, optimizer_steps)
-        model, self.optimizer = acc.prepare(model, optimizer)
+        model, self.optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train, dlm.reference)
         self.dlm = dataclasses.replace(dlm, model=model)
-        self.params = params
 
         global_rows = cfg.train.per_device_batch_size * acc.num_processes
         self.stream = PromptStream(self.train_rows, global_rows // cfg.rl.num_generations, cfg.train.seed)
@@ -390,9 +390,10 @@ class RLTrainer:
         acc = self.accelerator
         if acc.sync_gradients:
             if self.cfg.train.max_grad_norm > 0:
-                norm = acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm)
-                sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
+                norm = clip_gradients(acc, self.dlm.model, self.cfg.train.max_grad_norm)
+                if norm is not None:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
+                    sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,101 @@
+"""Driver of tests/test_sharded.py: ``egspo train`` / ``egspo sft`` under accelerate's FSDP or DeepSpeed
+on CPU processes.
+
+accelerate applies FSDP and DeepSpeed only to GPU-like processes: with ``ACCELERATE_USE_CPU=1`` it forms
+a gloo group but prepares the model with DDP, whatever the FSDP/DeepSpeed settings say. To run egspo's
+sharded code paths on a CPU-only machine, this driver builds the accelerator exactly as egspo does,
+then switches accelerate's state to FSDP (or DeepSpeed) with the plugin accelerate itself builds from
+the variables that ``accelerate launch --config_file configs/accelerate/<config>.yaml`` exports.
+Everything after that (``prepare``, the ``fully_shard`` wrapping or the DeepSpeed engine, state dicts,
+clipping, the trainer) is the real code. DeepSpeed runs on CPU through its CPU accelerator
+(``DS_ACCELERATOR=cpu``, gloo).
+
+    torchrun --nproc_per_node 2 tests/sharded_driver.py [--dump DIR] train --config run.yaml ...
+
+``--dump DIR`` (train only) writes every rank's gathered full weights after training to
+``DIR/rank{r}.safetensors``, so that the test can check that both ranks hold the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+)
+
+from egspo import run_setup
+from egspo.config import TrainConfig
+
+
+def sharded_accelerator(train: TrainConfig) -> Accelerator:
+    """egspo's accelerator, switched to FSDP or DeepSpeed (on a GPU machine, accelerate does this itself)."""
+    acc = run_setup.make_accelerator(train)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        plugin = DeepSpeedPlugin()  # from the ACCELERATE_DEEPSPEED_* environment, as Accelerator() does on GPUs
+        plugin.set_mixed_precision("no")
+        _switch(acc, DistributedType.DEEPSPEED)
+        acc.state.deepspeed_plugins = plugin
+        acc.deepspeed_engine_wrapped = None
+        plugin.select(_from_accelerator_state=True)
+    else:
+        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment, as Accelerator() does on GPUs
+        _switch(acc, DistributedType.FSDP)
+        acc.state.fsdp_plugin = plugin
+    return acc
+
+
+def _switch(acc: Accelerator, kind: DistributedType) -> None:
+    acc.state.distributed_type = kind
+    PartialState._shared_state["distributed_type"] = kind
+
+
+def dump_full_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dump", type=Path)
+    args, cli_args = parser.parse_known_args()
+    assert "true" in (os.environ.get("ACCELERATE_USE_FSDP"), os.environ.get("ACCELERATE_USE_DEEPSPEED")), (
+        "run with the FSDP or DeepSpeed environment of an accelerate config")
+
+    import egspo.rl.trainer as trainer_module
+    import egspo.sft as sft_module
+    from egspo.cli import main as cli_main
+
+    trainer_module.make_accelerator = sharded_accelerator
+    sft_module.make_accelerator = sharded_accelerator
+    if args.dump is not None:
+        run = trainer_module.RLTrainer.run
+
+        def run_and_dump(self, *a, **k):
+            out = run(self, *a, **k)
+            from egspo.models.adapter import weights_sharded
+
+            assert weights_sharded(self.dlm.model) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+            args.dump.mkdir(parents=True, exist_ok=True)
+            dump_full_weights(self.dlm.model, args.dump / f"rank{self.accelerator.process_index}.safetensors")
+            return out
+
+        trainer_module.RLTrainer.run = run_and_dump
+    sys.exit(cli_main(cli_args))
+
+
+if __name__ == "__main__":
+    main()
