@@ -34,6 +34,9 @@ LABELS = {"diffu_grpo": "diffu-GRPO (d1)", "diffu_grpo_low_lr": "diffu-GRPO (d1)
           "random": "EGSPO-SA, random steps", "uniform": "EGSPO-SA, uniform steps"}
 
 
+COLORS = {variant: f"C{i}" for i, variant in enumerate(ORDER)}  # one colour per variant in every figure
+
+
 def headline(metrics: dict[str, float]) -> float:
     return metrics.get("puzzle_accuracy", metrics.get("accuracy", float("nan")))
 
@@ -102,8 +105,8 @@ def plot_curves(task: str, runs: list[dict[str, Any]], path: Path) -> None:
         xs = {"rollouts": [e["rollouts"] for e in group[0]["curve"][:n]],
               "train_seconds": [statistics.fmean(r["curve"][i]["train_seconds"] for r in group) for i in range(n)]}
         for ax, key in zip(axes, ("rollouts", "train_seconds")):
-            ax.plot(xs[key], mean, marker="o", ms=3, label=f"{LABELS[variant]} ({len(group)} seeds)")
-            ax.fill_between(xs[key], low, high, alpha=0.15)
+            ax.plot(xs[key], mean, marker="o", ms=3, color=COLORS[variant], label=f"{LABELS[variant]} ({len(group)} seeds)")
+            ax.fill_between(xs[key], low, high, color=COLORS[variant], alpha=0.15)
     axes[0].set_xlabel("rollouts")
     axes[1].set_xlabel("training seconds (rollout + scoring + updates; runs shared one GPU)")
     axes[0].set_ylabel("reference-set accuracy (%)")
@@ -123,7 +126,8 @@ def plot_steps(task: str, runs: list[dict[str, Any]], path: Path) -> None:
         for run in (r for r in runs if r["variant"] == variant):
             total = [a + b for a, b in zip(total, run["steps_histogram"])] if total else list(run["steps_histogram"])
         share = [100.0 * c / max(sum(total), 1) for c in total]
-        ax.bar([j + i * width for j in range(len(share))], share, width=width, label=LABELS[variant])
+        ax.bar([j + i * width for j in range(len(share))], share, width=width, color=COLORS[variant],
+               label=LABELS[variant])
     ax.set_xlabel("denoising step t (0 = first)")
     ax.set_ylabel("% of selected steps")
     ax.set_title(f"{task}: which steps were trained on (all seeds, all training steps)")
