@@ -14,11 +14,15 @@ clipping, the trainer) is the real code. DeepSpeed runs on CPU through its CPU a
 
 ``--dump DIR`` (train only) writes every rank's gathered full weights after training to
 ``DIR/rank{r}.safetensors``, so that the test can check that both ranks hold the same model.
+``--dump-reference DIR`` (train, full fine-tuning with rl.beta > 0) writes, after training, every rank's
+gathered KL reference weights and the reference's logits on a fixed batch to ``DIR/rank{r}.safetensors``
+(``weight.<name>``, ``input_ids``, ``logits``, ``sharded``), so that the test can compare them with the initial model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -68,9 +72,38 @@ def dump_full_weights(model: torch.nn.Module, path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
 
 
+def reference_input_ids(vocab_size: int) -> torch.Tensor:
+    """The fixed batch the reference is run on (and the test runs the initial model on)."""
+    return torch.randint(4, vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+def dump_reference(dlm, path: Path) -> None:
+    """The reference's whole weights (gathered under ZeRO-3, a collective) and its logits on a fixed batch."""
+    from safetensors.torch import save_file
+
+    from egspo.models.adapter import unwrap, weights_sharded
+
+    reference = dlm.reference
+    core = unwrap(reference)
+    params = list(core.parameters())
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gathered:
+        tensors = {f"weight.{k}": v.detach().cpu().clone().contiguous() for k, v in core.state_dict().items()}
+    ids = reference_input_ids(core.config.vocab_size).to(dlm.device)
+    with torch.no_grad(), dlm.reference_model() as model:  # a collective forward under ZeRO-3
+        logits = dlm.logits(ids, model=model).float()
+    sharded = torch.tensor([weights_sharded(reference)])
+    save_file({**tensors, "input_ids": ids.cpu(), "logits": logits.cpu().contiguous(), "sharded": sharded}, str(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dump", type=Path)
+    parser.add_argument("--dump-reference", type=Path)
     args, cli_args = parser.parse_known_args()
     assert "true" in (os.environ.get("ACCELERATE_USE_FSDP"), os.environ.get("ACCELERATE_USE_DEEPSPEED")), (
         "run with the FSDP or DeepSpeed environment of an accelerate config")
@@ -94,6 +127,17 @@ def main() -> None:
             return out
 
         trainer_module.RLTrainer.run = run_and_dump
+    if args.dump_reference is not None:
+        run_reference = trainer_module.RLTrainer.run
+
+        def run_and_dump_reference(self, *a, **k):
+            out = run_reference(self, *a, **k)
+            assert self.dlm.reference is not None, "no KL reference copy (full fine-tuning with rl.beta > 0)"
+            args.dump_reference.mkdir(parents=True, exist_ok=True)
+            dump_reference(self.dlm, args.dump_reference / f"rank{self.accelerator.process_index}.safetensors")
+            return out
+
+        trainer_module.RLTrainer.run = run_and_dump_reference
     sys.exit(cli_main(cli_args))
 
 

@@ -209,6 +209,50 @@ def test_deepspeed_lora_trains_like_ddp_and_resumes_exactly(micro_model, prompts
                  load_file(str(straight / "checkpoint-3" / "trainable.safetensors")), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+@needs_gloo
+@pytest.mark.skipif(not _has_deepspeed(), reason="needs the deepspeed package")
+def test_deepspeed_zero3_full_fine_tuning_with_kl_matches_ddp_and_keeps_the_initial_reference(
+        micro_model, prompts_file, tmp_path):
+    """ZeRO-3 partitions the model at load (accelerate hands its config to transformers), so the KL
+    reference is copied from gathered weights and gets its own inference-only ZeRO-3 engine."""
+    from transformers import AutoModel
+
+    import egspo  # noqa: F401
+    from egspo.config import ModelConfig
+    from egspo.models.loading import load_model
+
+    config = _config(tmp_path, micro_model, prompts_file, lora=False)  # rl.beta = 0.04: the reference runs
+    env = deepspeed_environment(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml")
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    run, ddp, dump = tmp_path / "zero3", tmp_path / "ddp", tmp_path / "reference"
+    launch(2, ["tests/sharded_driver.py", "--dump-reference", str(dump), "train", "--config", str(config),
+               f"train.output_dir={run}"], env=env, timeout=180)
+    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"train.output_dir={ddp}"])
+
+    # the same rollouts, losses, KL (the reference's log-probs enter it) and weights as DDP's plain copy
+    zero3_metrics, ddp_metrics = _metrics(run), _metrics(ddp)
+    assert [m["step"] for m in zero3_metrics] == [1, 2] and zero3_metrics[-1]["kl"] > 0
+    for key in ("reward/mean", "loss", "kl", "grad_norm"):
+        assert [m[key] for m in zero3_metrics] == pytest.approx([m[key] for m in ddp_metrics], rel=1e-4,
+                                                                abs=1e-6), key
+    weights = load_file(str(run / "checkpoint-2" / "trainable.safetensors"))
+    _assert_same(weights, load_file(str(ddp / "checkpoint-2" / "trainable.safetensors")), rtol=1e-4, atol=1e-4)
+    start = AutoModel.from_pretrained(micro_model).state_dict()
+    assert all(not torch.equal(weights[name], value) for name, value in start.items()), "a weight did not train"
+
+    # after training, the reference on both ranks is still the initial model: weights and log-probs
+    initial, _ = load_model(ModelConfig(name_or_path=str(micro_model)), device="cpu")
+    for rank in (0, 1):
+        dumped = load_file(str(dump / f"rank{rank}.safetensors"))
+        assert dumped["sharded"].item(), "the reference is not a ZeRO-3 engine"
+        _assert_same({k.removeprefix("weight."): v for k, v in dumped.items() if k.startswith("weight.")},
+                     initial.model.state_dict(), rtol=0, atol=0)
+        with torch.no_grad():
+            expected = initial.logits(dumped["input_ids"]).float()
+        torch.testing.assert_close(dumped["logits"].log_softmax(-1), expected.log_softmax(-1), rtol=1e-5, atol=1e-5)
+
+
 # -- the sampler under sharding (one process, sharding simulated) ------------------------------------
 
 
@@ -274,22 +318,38 @@ def test_deepspeed_plugin_gets_the_micro_batch_and_the_clipping(caplog):
     configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), TrainConfig())  # DDP: no-op
 
 
-def test_zero3_refuses_full_fine_tuning_with_an_unsharded_reference():
+def test_the_reference_gets_its_own_engine_only_under_zero3(monkeypatch):
+    import sys
+
     from accelerate.utils import DeepSpeedPlugin
 
-    from egspo.config import ConfigError, TrainConfig
-    from egspo.run_setup import prepare_model_and_optimizer
+    from egspo.run_setup import prepare_reference
 
-    def accelerator(stage: int) -> SimpleNamespace:
-        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(zero_stage=stage)),
-                               prepare=lambda *objects: objects)
+    calls = []
 
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ConfigError, match="ZeRO-3"):
-        prepare_model_and_optimizer(accelerator(3), model, optimizer, TrainConfig(), reference=torch.nn.Linear(2, 2))
-    assert prepare_model_and_optimizer(accelerator(3), model, optimizer, TrainConfig()) == (model, optimizer)
-    assert prepare_model_and_optimizer(accelerator(2), model, optimizer, TrainConfig(), reference=model)[0] is model
+    def initialize(model, config):
+        calls.append(config)
+        return SimpleNamespace(eval=lambda: calls.append("eval"), module=model), None, None, None
+
+    monkeypatch.setitem(sys.modules, "deepspeed", SimpleNamespace(initialize=initialize))
+
+    def accelerator(stage: int | None) -> SimpleNamespace:
+        plugin = None if stage is None else DeepSpeedPlugin(zero_stage=stage)
+        if plugin is not None:
+            plugin.deepspeed_config["optimizer"] = {"type": "AdamW"}
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    reference = torch.nn.Linear(2, 2)
+    assert prepare_reference(accelerator(None), reference) is reference  # DDP / FSDP: the copy as it is
+    assert prepare_reference(accelerator(2), reference) is reference
+    assert prepare_reference(accelerator(3), None) is None  # LoRA or rl.beta = 0: no copy
+    assert not calls
+    zero3 = accelerator(3)
+    engine = prepare_reference(zero3, reference)
+    assert engine.module is reference and calls[-1] == "eval"
+    config = calls[0]
+    assert config["zero_optimization"]["stage"] == 3 and "optimizer" not in config, "inference only"
+    assert "optimizer" in zero3.state.deepspeed_plugin.deepspeed_config, "the policy's config is left alone"
 
 
 def test_clip_gradients_only_reads_the_norm_under_deepspeed():

@@ -1,8 +1,9 @@
 """What every training command sets up the same way: the accelerator, the run directory, the optimizer,
-``prepare`` (with what DeepSpeed needs told) and gradient clipping."""
+``prepare`` (with what DeepSpeed needs told), the KL reference's preparation and gradient clipping."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from pathlib import Path
@@ -78,23 +79,34 @@ def prepare_model_and_optimizer(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     train: TrainConfig,
-    reference: torch.nn.Module | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """``accelerator.prepare(model, optimizer)`` under DDP, FSDP or DeepSpeed (see :func:`configure_deepspeed`).
-
-    ``reference`` is the frozen KL reference copy of full fine-tuning, if any: refused under ZeRO-3.
-    """
+    """``accelerator.prepare(model, optimizer)`` under DDP, FSDP or DeepSpeed (see :func:`configure_deepspeed`)."""
     configure_deepspeed(accelerator, train)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if reference is not None and plugin is not None and plugin.zero_stage == 3:
-        # Seen on CPU: after the ZeRO-3 engine is built, the (unsharded) copy has empty weights; a
-        # reference with its own ZeRO-3 engine, as TRL builds one, is not implemented.
-        raise ConfigError(
-            "Full fine-tuning with a KL term (model.lora=false, rl.beta>0) does not run under DeepSpeed ZeRO-3: "
-            "its frozen reference copy is not sharded. Use FSDP (configs/accelerate/fsdp.yaml), ZeRO-2, "
-            "LoRA (model.lora=true) or rl.beta=0."
-        )
     return accelerator.prepare(model, optimizer)
+
+
+def prepare_reference(accelerator: Accelerator, reference: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The frozen KL reference of full fine-tuning, ready to run; call it after :func:`prepare_model_and_optimizer`.
+
+    Under DeepSpeed ZeRO-3 the reference gets its own inference-only ZeRO-3 engine (as TRL prepares
+    its reference model): the policy engine's config, with the values accelerate filled in, without
+    an optimizer or scheduler. Its weights are partitioned like the policy's, and each of its forwards
+    is a collective, which the trainer runs in step on every process (one per selected-step slot or
+    diffu-GRPO iteration). Otherwise (DDP, FSDP, ZeRO-2) the reference stays a whole copy on each
+    process, as it is.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if reference is None or plugin is None or plugin.zero_stage != 3:
+        return reference
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=reference, config=config)
+    engine.eval()
+    logger.info("KL reference: its own DeepSpeed ZeRO-3 engine (no optimizer).")
+    return engine
 
 
 def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> float | None:

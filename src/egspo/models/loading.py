@@ -88,10 +88,11 @@ def load_model(
     if device is not None:
         model.to(device)
     dlm = as_diffusion_lm(model, tokenizer)
+    # ds_numel: under DeepSpeed ZeRO-3 the model is partitioned at load, and its parameters are empty here
     logger.info(
         "Loaded %s (%s, %s, %.1fM parameters): mask %d, stop %s%s",
         cfg.name_or_path, type(unwrap(model)).__name__, torch_dtype,
-        sum(p.numel() for p in model.parameters()) / 1e6, dlm.mask_id, dlm.stop_ids,
+        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6, dlm.mask_id, dlm.stop_ids,
         ", shifted logits" if dlm.shift else "",
     )
     return dlm, tokenizer

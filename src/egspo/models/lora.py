@@ -69,8 +69,26 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
 
 
 def make_reference(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` (eval mode, no gradients): the KL reference for full fine-tuning."""
-    reference = copy.deepcopy(unwrap(model))
+    """A frozen copy of ``model`` (eval mode, no gradients): the KL reference for full fine-tuning.
+
+    Under DeepSpeed ZeRO-3 the loaded model is already partitioned: accelerate registers its DeepSpeed
+    config with transformers whatever ``zero3_init_flag`` says, so ``from_pretrained`` builds it under
+    ``deepspeed.zero.Init`` and each parameter's ``data`` is an empty placeholder (the values are in
+    its ``ds_tensor`` shard). A plain deep copy would copy the placeholders; the values are gathered
+    into the copy one parameter at a time instead. The copy is whole until
+    :func:`egspo.run_setup.prepare_reference` gives it its own ZeRO-3 engine.
+    """
+    core = unwrap(model)
+    reference = copy.deepcopy(core)
+    partitioned = [(source, copied) for source, copied in zip(core.parameters(), reference.parameters(), strict=True)
+                   if hasattr(source, "ds_id")]
+    if partitioned:
+        import deepspeed  # only partitioned parameters come here, so deepspeed is installed
+
+        logger.info("Copying the KL reference from %d ZeRO-3 partitioned parameters.", len(partitioned))
+        for source, copied in partitioned:
+            with deepspeed.zero.GatheredParameters([source], modifier_rank=None):  # a collective
+                copied.data = source.data.detach().clone()
     reference.eval()
     reference.requires_grad_(False)
     return reference

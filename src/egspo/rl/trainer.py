@@ -42,7 +42,7 @@ from egspo.rl.metrics import MetricsWriter, step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
 from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
-                              prepare_model_and_optimizer)
+                              prepare_model_and_optimizer, prepare_reference)
 from egspo.sampling import sample
 from egspo.tasks import format_prompt, get_task
 from egspo.trajectory import Trajectory
@@ -127,8 +127,8 @@ class RLTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer_steps = math.ceil(cfg.train.max_steps * updates / cfg.train.gradient_accumulation_steps)
         optimizer, self.scheduler = make_optimizer(params, cfg.train, optimizer_steps)
-        model, self.optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train, dlm.reference)
-        self.dlm = dataclasses.replace(dlm, model=model)
+        model, self.optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train)
+        self.dlm = dataclasses.replace(dlm, model=model, reference=prepare_reference(acc, dlm.reference))
 
         global_rows = cfg.train.per_device_batch_size * acc.num_processes
         self.stream = PromptStream(self.train_rows, global_rows // cfg.rl.num_generations, cfg.train.seed)
