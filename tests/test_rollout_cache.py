@@ -183,6 +183,41 @@ def test_stop_at_eos_subsets_the_cache_rows(cache):
         assert torch.equal(alone.greedy[0], batch.greedy[row])
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache", CACHES)
+def test_cache_keeps_the_activation_dtype_under_an_accelerate_mixed_precision_model(name, cache, monkeypatch):
+    """``accelerator.prepare`` under bf16 wraps the forward so that its outputs come back in fp32, the
+    returned cache included. Every window must still splice bf16 keys/values into a bf16 cache: CUDA's
+    ``index_copy`` refuses mixed dtypes (CPU autocast promotes them, which would hide the error here),
+    and an fp32 cache doubles the rollout's largest buffer."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    import egspo.models.llada as llada
+
+    dlm = MODELS[name]()
+    model = dlm.model
+    autocast_forward = torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast_forward), model)  # as accelerate's prepare
+    splices: list[tuple[torch.dtype, torch.dtype]] = []
+    original_splice = llada.splice
+
+    def strict_splice(cached, fresh, positions):
+        splices.append((cached.keys.dtype, fresh.keys.dtype))
+        return original_splice(cached, fresh, positions)
+
+    monkeypatch.setattr(llada, "splice", strict_splice)
+    ids, mask = _prompts()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, kv = dlm.encode_cached(torch.cat([ids, torch.full((3, 24), dlm.mask_id)], dim=1),
+                                  torch.cat([mask, torch.ones(3, 24, dtype=torch.long)], dim=1))
+        traj = _run(dlm, _cfg(cache))
+    assert kv[0].keys.dtype == kv[0].values.dtype == torch.bfloat16, "the cache is kept as computed"
+    assert splices and all(c == f == torch.bfloat16 for c, f in splices), set(splices)
+    assert not (traj.completions == dlm.mask_id).any()
+
+
 def test_cache_needs_a_native_model(bert_dlm):
     ids = torch.randint(5, TOY_VOCAB, (2, 4))
     with pytest.raises(ConfigError, match="native LLaDA or Dream"):
