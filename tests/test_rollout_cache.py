@@ -183,6 +183,41 @@ def test_stop_at_eos_subsets_the_cache_rows(cache):
         assert torch.equal(alone.greedy[0], batch.greedy[row])
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache", CACHES)
+def test_cache_keeps_the_activation_dtype_under_an_accelerate_mixed_precision_model(name, cache, monkeypatch):
+    """``accelerator.prepare`` under bf16 wraps the forward so that its outputs come back in fp32, the
+    returned cache included. Every window must still splice bf16 keys/values into a bf16 cache: CUDA's
+    ``index_copy`` refuses mixed dtypes (CPU autocast promotes them, which would hide the error here),
+    and an fp32 cache doubles the rollout's largest buffer."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from egspo.models import llada
+
+    dlm = MODELS[name]()
+    model = dlm.model
+    autocast_forward = torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast_forward), model)  # as accelerate's prepare
+    splices: list[tuple[torch.dtype, torch.dtype]] = []
+    original_splice = llada.splice
+
+    def strict_splice(cached, fresh, positions):
+        splices.append((cached.keys.dtype, fresh.keys.dtype))
+        return original_splice(cached, fresh, positions)
+
+    monkeypatch.setattr(llada, "splice", strict_splice)
+    ids, mask = _prompts()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, kv = dlm.encode_cached(torch.cat([ids, torch.full((3, 24), dlm.mask_id)], dim=1),
+                                  torch.cat([mask, torch.ones(3, 24, dtype=torch.long)], dim=1))
+        traj = _run(dlm, _cfg(cache))
+    assert kv[0].keys.dtype == kv[0].values.dtype == torch.bfloat16, "the cache is kept as computed"
+    assert splices and all(c == f == torch.bfloat16 for c, f in splices), set(splices)
+    assert not (traj.completions == dlm.mask_id).any()
+
+
 def test_cache_needs_a_native_model(bert_dlm):
     ids = torch.randint(5, TOY_VOCAB, (2, 4))
     with pytest.raises(ConfigError, match="native LLaDA or Dream"):
@@ -202,17 +237,31 @@ def test_bad_cache_value_names_the_field():
 # -- compiled rollout forward -----------------------------------------------------------------------
 
 
-def _eager_compiled(dlm: DiffusionLM) -> DiffusionLM:
-    """Compile once with the "eager" backend (no C++ toolchain or minutes of inductor on a CPU)."""
-    dlm.compiled_model(backend="eager")
+def _eager_compiled(dlm: DiffusionLM, runs: list[int] | None = None) -> DiffusionLM:
+    """Compile once with an eager backend (no C++ toolchain or minutes of inductor on a CPU) that
+    counts the compiled graphs' runs in ``runs``."""
+
+    def backend(graph, example_inputs):
+        def run(*args):
+            if runs is not None:
+                runs.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    dlm.compiled_model(backend=backend)
     return dlm
 
 
 @pytest.mark.parametrize("cache", ("none", "dual"))
 def test_compiled_rollout_matches_the_uncompiled_one(cache):
-    dlm = _eager_compiled(_llada())
+    runs: list[int] = []
+    dlm = _eager_compiled(_llada(), runs)
     compiled_module = dlm.compiled_model()
-    plain, compiled = _run(dlm, _cfg(cache)), _run(dlm, _cfg(cache, compile=True))
+    plain = _run(dlm, _cfg(cache))
+    assert not runs, "compile=False never runs the compiled module"
+    compiled = _run(dlm, _cfg(cache, compile=True))
+    assert len(runs) >= _cfg(cache).steps, "every forward of the compiled rollout runs compiled graphs"
     assert dlm.compiled_model() is compiled_module, "compiled once and kept"
     assert torch.equal(plain.sequences, compiled.sequences)
     torch.testing.assert_close(plain.step_logps, compiled.step_logps, rtol=1e-5, atol=1e-5)
@@ -279,3 +328,97 @@ def test_exact_trainer_logs_no_gap(micro_model, prompts_file, tmp_path):
     trainer.run()
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "approx/old_logp_gap" not in line and "time/old_logps" not in line
+
+
+def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_policy(
+        micro_model, prompts_file, tmp_path, monkeypatch):
+    """The old log-probs that the updates use are the exact ones, computed in eval mode (LoRA dropout
+    off, as in the rollout) from the weights the rollout used, not the sampler's approximate record.
+    Two steps: LoRA's B starts at zero, so dropout on the adapter's input only matters after an update."""
+    import egspo.rl.trainer as trainer_module
+    from egspo.rl.trainer import RLTrainer
+
+    from .test_trainer import make_config
+
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=2", "sampler.cache=prefix",
+                      "sampler.gen_length=16", "sampler.steps=8", "model.lora=true", "model.lora_r=4",
+                      "model.lora_alpha=8", "model.lora_dropout=0.5", "rl.beta=0")
+    trainer = RLTrainer(cfg)
+    model = trainer.dlm.model
+    seen: dict[str, object] = {}
+    original_rollout, original_exact = trainer._rollout, trainer._exact_old_logps
+
+    def rollout(step):
+        seen["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return original_rollout(step)
+
+    def exact_old_logps(traj, selected):
+        assert all(torch.equal(p, seen["weights"][n]) for n, p in model.named_parameters() if p.requires_grad)
+        exact, gap = original_exact(traj, selected)
+        model.eval()
+        with torch.no_grad():
+            check = torch.stack([action_logps(trainer.dlm, traj, selected.steps[:, k])[0]
+                                 for k in range(selected.steps.shape[1])], dim=1)
+        model.train()
+        torch.testing.assert_close(exact, check, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(exact, traj.step_logps.gather(1, selected.steps)), "the record is approximate"
+        seen.setdefault("exact", []).append(exact)
+        return exact, gap
+
+    olds: list[torch.Tensor] = []
+    original_loss = trainer_module.egspo_step_loss
+
+    def loss(logp, logp_old, *args, **kwargs):
+        olds.append(logp_old.detach().clone())
+        return original_loss(logp, logp_old, *args, **kwargs)
+
+    trainer._rollout, trainer._exact_old_logps = rollout, exact_old_logps
+    monkeypatch.setattr(trainer_module, "egspo_step_loss", loss)
+    trainer.run()
+    exact = torch.cat(seen["exact"], dim=1)  # (B, 2K): the slots of step 1, then of step 2
+    assert len(olds) == exact.shape[1]
+    for k, old in enumerate(olds):
+        torch.testing.assert_close(old, exact[:, k].to(old.dtype))
+
+
+def test_compiled_rollout_module_follows_the_model_and_never_runs_the_reference(
+        micro_model, prompts_file, tmp_path):
+    """The compiled module belongs to one model object: a DiffusionLM with another model (as after
+    ``accelerator.prepare``) compiles its own. In training, only rollouts run it: the KL reference
+    (LoRA: the same model with the adapter disabled) and the updates run the plain module."""
+    import contextlib
+    import dataclasses
+
+    from egspo.rl.trainer import RLTrainer
+
+    from .test_trainer import make_config
+
+    dlm = _eager_compiled(_llada())
+    other = dataclasses.replace(dlm, model=_llada().model)
+    assert other.compiled_model(backend="eager") is not dlm.compiled_model()
+    other.model = dlm.model  # the same field reassigned: recompiled for the new object
+    assert other.compiled_model(backend="eager")._orig_mod is dlm.model
+
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1", "sampler.compile=true",
+                      "model.lora=true", "model.lora_r=4", "model.lora_alpha=8", "rl.beta=0.04")
+    trainer = RLTrainer(cfg)
+    runs: list[int] = []
+    _eager_compiled(trainer.dlm, runs)
+    phases: dict[str, int] = {}
+    original_reference, original_update = trainer.dlm.reference_model, trainer._update_egspo
+
+    def reference_model():
+        before = len(runs)
+        with original_reference() as ref:
+            yield ref
+        phases["reference"] = phases.get("reference", 0) + len(runs) - before
+
+    def update(*args, **kwargs):
+        phases["rollout"] = len(runs)
+        return original_update(*args, **kwargs)
+
+    trainer.dlm.reference_model = contextlib.contextmanager(reference_model)
+    trainer._update_egspo = update
+    trainer.run()
+    assert phases["rollout"] >= cfg.sampler.steps, "the rollout ran compiled"
+    assert phases["reference"] == 0 and len(runs) == phases["rollout"], "nothing else did"

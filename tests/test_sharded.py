@@ -295,6 +295,31 @@ def test_sharded_sampler_runs_the_head_in_forward_and_keeps_forwards_in_step(mon
         torch.testing.assert_close(getattr(sharded, field), getattr(plain, field), msg=field)
 
 
+def test_sharded_idle_steps_leave_the_global_rng_alone(monkeypatch):
+    """The idle steps of a process whose rows have all ended sample on scratch copies: they must not draw
+    from the global RNG either (the caller's generator is the sampler's only randomness)."""
+    from egspo.config import SamplerConfig
+    from egspo.models.adapter import DiffusionLM
+    from egspo.models.tiny import random_model
+    from egspo.sampling import sample
+
+    model, tokenizer = random_model(seed=0, n_layers=2, d_model=64, n_heads=2, mlp_hidden_size=128)
+    eos = tokenizer.eos_token_id
+    dlm = DiffusionLM(model=model, mask_id=tokenizer.mask_token_id, stop_ids=(eos, 0), native=True)
+    with torch.no_grad():  # every row ends in the first block: the second block is all idle steps
+        dlm.core.get_output_embeddings().bias = torch.nn.Parameter(torch.zeros(model.config.embedding_size))
+        dlm.core.get_output_embeddings().bias[eos] = 50.0
+    monkeypatch.setattr(DiffusionLM, "sharded", property(lambda self: True))
+    prompts = torch.randint(5, 40, (3, 4), generator=torch.Generator().manual_seed(0))
+    for remasking in ("low_confidence", "random"):
+        cfg = SamplerConfig(gen_length=16, block_length=8, steps=8, temperature=1.0, stop_at_eos=True,
+                            remasking=remasking)
+        state = torch.random.get_rng_state()
+        traj = sample(dlm, prompts, cfg, generator=torch.Generator().manual_seed(1))
+        assert traj.forced[:, 4:].all(), "the second block ran idle steps"
+        assert torch.equal(state, torch.random.get_rng_state()), remasking
+
+
 # -- DeepSpeed, without DeepSpeed ----------------------------------------------------------------------
 
 

@@ -318,8 +318,10 @@ def _idle_step(
     features = dlm.encode(scratch_x, attention_mask, model=model)
     tail = _greedy_tokens(dlm, features[:, hi:], batch) if greedy is not None else None
     scratch = torch.zeros(step_of_position.shape, device=x.device)
+    # a throwaway generator: with None the candidates would be drawn from the global RNG
+    scratch_generator = torch.Generator(device=x.device)
     _model_step(
-        dlm, scratch_x, scratch_x, features[:, lo:hi], tail, rows, lo, hi, n, t, config, None,
+        dlm, scratch_x, scratch_x, features[:, lo:hi], tail, rows, lo, hi, n, t, config, scratch_generator,
         step_of_position.clone(), scratch, scratch.clone(), torch.zeros(batch, steps, device=x.device),
         torch.zeros(batch, steps, device=x.device), None if greedy is None else torch.empty_like(greedy),
     )

@@ -20,13 +20,11 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from egspo.models.kv_cache import KVCache
+from egspo.models.kv_cache import KVCache, LayerKV
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +161,11 @@ class DiffusionLM:
         model = self.model if model is None else model
         out = model(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True, return_kv=True)
         hidden = out.hidden_states
-        return (self._shift(hidden) if self.shift else hidden), out.key_values
+        # accelerate's mixed-precision wrapper returns every output in fp32, the cache included: put it
+        # back in the dtype it was computed in (exact), which is also what the windows splice into it
+        dtype = _activation_dtype(input_ids.device, self.core)
+        cache = tuple(LayerKV(kv.keys.to(dtype), kv.values.to(dtype)) for kv in out.key_values)
+        return (self._shift(hidden) if self.shift else hidden), cache
 
     def encode_window(
         self,
@@ -236,6 +238,13 @@ class DiffusionLM:
             return
         with peft_model.disable_adapter():
             yield self.model
+
+
+def _activation_dtype(device: torch.device, core: nn.Module) -> torch.dtype:
+    """The dtype a forward's projections produce on ``device``: autocast's when it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(p.dtype for p in core.parameters() if p.is_floating_point())
 
 
 @contextlib.contextmanager

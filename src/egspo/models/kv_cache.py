@@ -30,7 +30,8 @@ def splice(cached: LayerKV, fresh: LayerKV, positions: torch.Tensor) -> LayerKV:
     """``cached`` with the window's ``fresh`` keys/values written at ``positions`` (W,) (out of place).
 
     ``index_copy`` with a position tensor keeps every shape fixed whatever the window's offset, so a
-    compiled forward is not specialised on it.
+    compiled forward is not specialised on it. The result has the fresh keys/values' dtype: CUDA's
+    ``index_copy`` takes no mixed dtypes (a cache made outside the window's autocast would differ).
     """
-    return LayerKV(cached.keys.index_copy(2, positions, fresh.keys),
-                   cached.values.index_copy(2, positions, fresh.values))
+    keys, values = cached.keys.to(fresh.keys.dtype), cached.values.to(fresh.values.dtype)
+    return LayerKV(keys.index_copy(2, positions, fresh.keys), values.index_copy(2, positions, fresh.values))
