@@ -422,3 +422,18 @@ def test_compiled_rollout_module_follows_the_model_and_never_runs_the_reference(
     trainer.run()
     assert phases["rollout"] >= cfg.sampler.steps, "the rollout ran compiled"
     assert phases["reference"] == 0 and len(runs) == phases["rollout"], "nothing else did"
+
+
+def test_trainer_refuses_the_cache_with_a_sharded_model_before_any_rollout(micro_model, prompts_file, tmp_path,
+                                                                          monkeypatch):
+    from egspo.config import ConfigError
+    from egspo.models.adapter import DiffusionLM
+    from egspo.rl.trainer import RLTrainer
+
+    from .test_trainer import make_config
+
+    monkeypatch.setattr(DiffusionLM, "sharded", property(lambda self: True))
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1", "sampler.cache=prefix",
+                      "sampler.gen_length=16", "sampler.steps=8")
+    with pytest.raises(ConfigError, match="sampler.cache='prefix'.*sharded"):
+        RLTrainer(cfg)

@@ -129,6 +129,11 @@ class RLTrainer:
         optimizer, self.scheduler = make_optimizer(params, cfg.train, optimizer_steps)
         model, self.optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train)
         self.dlm = dataclasses.replace(dlm, model=model, reference=prepare_reference(acc, dlm.reference))
+        if self.dlm.sharded and cfg.sampler.cache != "none":
+            raise ConfigError(
+                f"sampler.cache={cfg.sampler.cache!r} is not supported with a sharded model (FSDP / ZeRO-3): "
+                "use sampler.cache=none, or DDP / ZeRO-2."
+            )
 
         global_rows = cfg.train.per_device_batch_size * acc.num_processes
         self.stream = PromptStream(self.train_rows, global_rows // cfg.rl.num_generations, cfg.train.seed)
