@@ -29,6 +29,7 @@ import torch
 
 from egspo.checkpoint import list_checkpoints
 from egspo.config import ModelConfig, load_config
+from egspo.demo import EVAL_SEED
 from egspo.evaluate import evaluate_rows
 from egspo.models.loading import load_model
 from egspo.sft import sft
@@ -36,8 +37,6 @@ from egspo.tasks import get_task
 
 logger = logging.getLogger("build_base")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_sudoku_tiny.yaml"
-#: Seed of the generated held-out problems (test split, never trained on).
-HELD_OUT_SEED = 1234
 
 
 def main() -> None:
@@ -62,7 +61,7 @@ def main() -> None:
 
     task = get_task(cfg.task.name)
     options = cfg.task.options
-    sets = {"held_out": task.load(None, "test", args.num_eval, HELD_OUT_SEED, **options)}
+    sets = {"held_out": task.load(None, "test", args.num_eval, EVAL_SEED, **options)}
     if args.reference_test:
         sets["reference"] = task.load(args.reference_test, "test", 0, 0, **options)
     device = "cuda" if torch.cuda.is_available() else "cpu"

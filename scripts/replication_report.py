@@ -41,6 +41,11 @@ def headline(metrics: dict[str, float]) -> float:
     return metrics.get("puzzle_accuracy", metrics.get("accuracy", float("nan")))
 
 
+def add_counts(total: list[float], counts: list[float]) -> list[float]:
+    """Element-wise sum of two histograms (``total`` may still be empty)."""
+    return [a + b for a, b in zip(total, counts, strict=True)] if total else list(counts)
+
+
 def load_run(run_dir: Path) -> dict[str, Any] | None:
     curve_path = run_dir / "curve.json"
     if not curve_path.exists():
@@ -51,8 +56,9 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
     hist: list[float] = []
     for row in rows:
-        counts = row.get("selected_steps_histogram") or []
-        hist = [a + b for a, b in zip(hist, counts)] if hist else list(counts)
+        counts = row.get("selected_steps_histogram")
+        if counts:
+            hist = add_counts(hist, counts)
     last = curve[-1]
     return {
         "variant": variant, "seed": int(seed), "steps": last["step"], "rollouts": last["rollouts"],
@@ -124,7 +130,7 @@ def plot_steps(task: str, runs: list[dict[str, Any]], path: Path) -> None:
     for i, variant in enumerate(variants):
         total: list[float] = []
         for run in (r for r in runs if r["variant"] == variant):
-            total = [a + b for a, b in zip(total, run["steps_histogram"])] if total else list(run["steps_histogram"])
+            total = add_counts(total, run["steps_histogram"])
         share = [100.0 * c / max(sum(total), 1) for c in total]
         ax.bar([j + i * width for j in range(len(share))], share, width=width, color=COLORS[variant],
                label=LABELS[variant])

@@ -133,9 +133,7 @@ def sample(
             "use sampler.cache=none, or DDP / ZeRO-2."
         )
     chunk_rows = batch if lockstep else None
-    was_training = dlm.model.training
-    dlm.model.eval()
-    try:
+    with dlm.evaluating():
         t = 0
         for block in range(config.num_blocks):
             lo, hi = prompt_len + block * block_len, prompt_len + (block + 1) * block_len
@@ -146,32 +144,22 @@ def sample(
             mask_a = None if attention_mask is None else (attention_mask if everyone else attention_mask[active])
             cache: KVCache | None = None
             stale_tail: torch.Tensor | None = None  # dual: greedy tokens after the block, from the block start
-            for step_in_block in range(config.steps_per_block):
+            for _ in range(config.steps_per_block):
                 n = int(schedule[t])
                 if done.any():
                     _force_end(x, done, lo, hi, n, t, eos_id, mask_id, step_of_position, greedy, forced, prompt_len)
                 if active.numel():
                     # the active rows are fixed within a block, so the cache holds exactly them
                     xa = x if everyone else x[active]
-                    if config.cache == "none":
-                        features = dlm.encode(xa, mask_a, model=model)
-                    elif step_in_block == 0:
-                        # the fresh cache makes this step the exact sampler's step
-                        features, cache = dlm.encode_cached(xa, mask_a, model=model)
-                        if config.cache == "dual" and greedy is not None:
-                            stale_tail = _greedy_tokens(dlm, features[:, hi:], chunk_rows)
-                    elif config.cache == "prefix":
-                        features = dlm.encode_window(xa, lo, xa.shape[1], cache, mask_a, model=model)
-                    else:
-                        features = dlm.encode_window(xa, lo, hi, cache, mask_a, model=model)
-                    # full forwards cover [0, L); windowed ones start at lo ([lo, L) prefix, [lo, hi) dual)
-                    offset = lo if config.cache == "none" or step_in_block == 0 else 0
+                    features, cache = _step_features(dlm, model, xa, mask_a, lo, hi, config, cache)
                     tail_greedy = None
                     if greedy is not None:
-                        use_stale = config.cache == "dual"
-                        tail_greedy = stale_tail if use_stale else _greedy_tokens(dlm, features[:, offset + hi - lo :], chunk_rows)
+                        tail_greedy = stale_tail if stale_tail is not None else \
+                            _greedy_tokens(dlm, features[:, hi - lo :], chunk_rows)
+                        if config.cache == "dual":
+                            stale_tail = tail_greedy
                     _model_step(
-                        dlm, x, xa, features[:, offset : offset + hi - lo], tail_greedy, active, lo, hi, n, t,
+                        dlm, x, xa, features[:, : hi - lo], tail_greedy, active, lo, hi, n, t,
                         config, generator, step_of_position, position_logps, position_entropy, step_logps,
                         step_entropy, greedy,
                     )
@@ -179,8 +167,6 @@ def sample(
                 elif lockstep:
                     _idle_step(dlm, model, x, attention_mask, lo, hi, n, t, config, step_of_position, greedy)
                 t += 1
-    finally:
-        dlm.model.train(was_training)
 
     completion = x[:, prompt_len:]
     content = ~_is_stop(completion, dlm.stop_ids)
@@ -212,6 +198,31 @@ def _rollout_model(dlm: DiffusionLM, config: SamplerConfig) -> nn.Module:
         logger.info("Raising torch._dynamo.config.%s to %d for the compiled rollout.", name, COMPILE_RECOMPILE_LIMIT)
         setattr(dynamo_config, name, COMPILE_RECOMPILE_LIMIT)
     return dlm.compiled_model()
+
+
+def _step_features(
+    dlm: DiffusionLM,
+    model: nn.Module,
+    xa: torch.Tensor,
+    mask_a: torch.Tensor | None,
+    lo: int,
+    hi: int,
+    config: SamplerConfig,
+    cache: KVCache | None,
+) -> tuple[torch.Tensor, KVCache | None]:
+    """Aligned features of positions [lo, end) for one denoising step of block [lo, hi), and the cache.
+
+    Without a cache (``sampler.cache=none``, or the first step of a block in the cached modes) the
+    whole sequence runs, exactly; the cached modes keep that forward's keys/values for the block's
+    other steps, which run [lo, L) (``prefix``) or [lo, hi) (``dual``) against it.
+    """
+    if cache is None:
+        if config.cache == "none":
+            return dlm.encode(xa, mask_a, model=model)[:, lo:], None
+        full, cache = dlm.encode_cached(xa, mask_a, model=model)
+        return full[:, lo:], cache
+    end = xa.shape[1] if config.cache == "prefix" else hi
+    return dlm.encode_window(xa, lo, end, cache, mask_a, model=model), cache
 
 
 def _greedy_tokens(dlm: DiffusionLM, features: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
@@ -315,13 +326,13 @@ def _idle_step(
     batch, steps = x.shape[0], config.steps
     rows = torch.arange(batch, device=x.device)
     scratch_x = x.clone()
-    features = dlm.encode(scratch_x, attention_mask, model=model)
-    tail = _greedy_tokens(dlm, features[:, hi:], batch) if greedy is not None else None
+    features, _ = _step_features(dlm, model, scratch_x, attention_mask, lo, hi, config, None)
+    tail = _greedy_tokens(dlm, features[:, hi - lo :], batch) if greedy is not None else None
     scratch = torch.zeros(step_of_position.shape, device=x.device)
     # a throwaway generator: with None the candidates would be drawn from the global RNG
     scratch_generator = torch.Generator(device=x.device)
     _model_step(
-        dlm, scratch_x, scratch_x, features[:, lo:hi], tail, rows, lo, hi, n, t, config, scratch_generator,
+        dlm, scratch_x, scratch_x, features[:, : hi - lo], tail, rows, lo, hi, n, t, config, scratch_generator,
         step_of_position.clone(), scratch, scratch.clone(), torch.zeros(batch, steps, device=x.device),
         torch.zeros(batch, steps, device=x.device), None if greedy is None else torch.empty_like(greedy),
     )

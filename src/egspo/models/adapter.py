@@ -201,6 +201,16 @@ class DiffusionLM:
             self._compiled_source = self.model
         return self._compiled
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """``model`` in eval mode (dropout off) inside the block, its previous mode restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
     @property
     def sharded(self) -> bool:
         """True under FSDP / ZeRO-3 (:func:`weights_sharded`): every process must run the same forwards."""

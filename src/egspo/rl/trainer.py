@@ -285,14 +285,9 @@ class RLTrainer:
         acc = self.accelerator
         traj = traj.to(acc.device)
         steps = selected.steps.to(acc.device)
-        was_training = self.dlm.model.training
-        self.dlm.model.eval()
-        try:
-            with acc.autocast():
-                exact = torch.stack([action_logps(self.dlm, traj, steps[:, k])[0].float()
-                                     for k in range(steps.shape[1])], dim=1)
-        finally:
-            self.dlm.model.train(was_training)
+        with self.dlm.evaluating(), acc.autocast():
+            exact = torch.stack([action_logps(self.dlm, traj, steps[:, k])[0].float()
+                                 for k in range(steps.shape[1])], dim=1)
         approx = traj.step_logps.gather(1, steps)
         weights = selected.weights.to(acc.device).float()
         gap_sum = ((approx - exact).abs() * weights).sum().view(1)
