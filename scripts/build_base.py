@@ -7,7 +7,9 @@
 Runs `egspo sft` with the config, evaluates every checkpoint greedily with the config's sampler on
 held-out generated problems of the config's task (and on a reference test set when given), and copies
 the EARLIEST checkpoint whose accuracy on the generated held-out problems falls in the target range
-into OUT/chosen (model + tokenizer); later checkpoints are evaluated only with ``--all``. The reference test set is reported, never used for the choice.
+into OUT/chosen (model + tokenizer). SFT runs in a subprocess and each checkpoint is evaluated as soon
+as it is written; SFT stops at the first checkpoint in range (with ``--all`` it runs to
+``train.max_steps`` and every checkpoint is evaluated), so ``train.max_steps`` is only an upper bound. The reference test set is reported, never used for the choice.
 The accuracy is the task's whole-answer figure: ``puzzle_accuracy`` for Sudoku, ``accuracy`` for the
 others (``--metric`` to choose another). The base is meant to be imperfect so that RL has room.
 Writes OUT/selection.json with every checkpoint's figures. This is how `builtin:sudoku-tiny` and the
@@ -20,7 +22,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,10 +37,10 @@ from egspo.config import ModelConfig, load_config
 from egspo.demo import EVAL_SEED
 from egspo.evaluate import evaluate_rows
 from egspo.models.loading import load_model
-from egspo.sft import sft
 from egspo.tasks import get_task
 
 logger = logging.getLogger("build_base")
+POLL_SECONDS = 2.0
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_sudoku_tiny.yaml"
 
 
@@ -54,11 +59,8 @@ def main() -> None:
     out = Path(args.out)
     low, high = (float(x) for x in args.target.split(","))
 
-    cfg = load_config(args.config, [f"train.output_dir={out / 'sft'}", *args.overrides])
-    start = time.perf_counter()
-    sft(cfg)
-    sft_seconds = time.perf_counter() - start
-
+    overrides = [f"train.output_dir={out / 'sft'}", *args.overrides]
+    cfg = load_config(args.config, overrides)  # fails fast on a bad config, before SFT starts
     task = get_task(cfg.task.name)
     options = cfg.task.options
     sets = {"held_out": task.load(None, "test", args.num_eval, EVAL_SEED, **options)}
@@ -67,19 +69,50 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     greedy = dataclasses.replace(cfg.sampler, temperature=0.0)
     metric = args.metric
-    results, chosen = [], None
-    for ckpt in list_checkpoints(out / "sft"):
-        dlm, tokenizer = load_model(ModelConfig(name_or_path=str(ckpt / "model"), dtype="float32"), device=device)
-        entry: dict = {"checkpoint": ckpt.name}
-        for name, rows in sets.items():
-            entry[name] = evaluate_rows(dlm, tokenizer, task, rows, greedy, batch_size=256)[1]
-        results.append(entry)
-        logger.info("%s", json.dumps(entry))
-        metric = metric or ("puzzle_accuracy" if "puzzle_accuracy" in entry["held_out"] else "accuracy")
-        if chosen is None and low <= entry["held_out"][metric] <= high:
-            chosen = entry
-        if chosen is not None and not args.all:
-            break
+    results: list[dict] = []
+    chosen = None
+
+    # SFT runs in its own process; each checkpoint is evaluated as soon as it is complete (checkpoints
+    # are renamed into place whole), and SFT is stopped at the first one in range unless --all.
+    command = [sys.executable, "-m", "egspo.cli", "sft", "--config", args.config, *overrides]
+    logger.info("SFT: %s", shlex.join(command))
+    start = time.perf_counter()
+    sft_seconds = None
+    proc = subprocess.Popen(command)
+    try:
+        done: set[str] = set()
+        while True:
+            finished = proc.poll() is not None
+            if finished and sft_seconds is None:
+                sft_seconds = time.perf_counter() - start
+            pending = [c for c in list_checkpoints(out / "sft") if c.name not in done]
+            if not pending:
+                if finished:
+                    break
+                time.sleep(POLL_SECONDS)
+                continue
+            ckpt = pending[0]
+            done.add(ckpt.name)
+            dlm, tokenizer = load_model(ModelConfig(name_or_path=str(ckpt / "model"), dtype="float32"), device=device)
+            entry: dict = {"checkpoint": ckpt.name, "seconds_since_start": round(time.perf_counter() - start, 1)}
+            for name, rows in sets.items():
+                entry[name] = evaluate_rows(dlm, tokenizer, task, rows, greedy, batch_size=256)[1]
+            del dlm
+            results.append(entry)
+            logger.info("%s", json.dumps(entry))
+            metric = metric or ("puzzle_accuracy" if "puzzle_accuracy" in entry["held_out"] else "accuracy")
+            if chosen is None and low <= entry["held_out"][metric] <= high:
+                chosen = entry
+                if not args.all:
+                    break
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+            sft_seconds = time.perf_counter() - start
+    if proc.returncode not in (0, -signal.SIGTERM) and chosen is None:
+        logger.error("SFT failed (exit code %s)", proc.returncode)
+        sys.exit(1)
     if chosen is not None:
         target = out / "chosen"
         shutil.rmtree(target, ignore_errors=True)

@@ -1,39 +1,47 @@
 #!/usr/bin/env bash
-# The whole issue-#9 replication on one GPU: both bases (in parallel), then both grids (all runs share
-# the GPU). Bases first: SFT that shares the CPUs with 18 RL runs slowed down 7x when tried.
-# Writes runs/replication/ and runs/replication/DONE at the end.
-#   bash scripts/replication_gpu.sh REFERENCE_DIR [SEEDS...]
+# The issue-#9 replication on one GPU: the bases (in parallel), then the grids (all runs share the
+# GPU). Bases first: SFT that shares the CPUs with 18 RL runs slowed down 7x when tried.
+# Writes runs/replication/ and runs/replication/DONE at the end (NOBASE if a base is out of range).
+#   [TASKS="sudoku countdown"] [VARIANTS="..."] bash scripts/replication_gpu.sh REFERENCE_DIR [SEEDS...]
 # REFERENCE_DIR holds 4x4_test_sudoku.csv and countdown_cd3_test.jsonl. Bases already built are reused.
+# Evaluation every 25 RL steps for Sudoku (200 steps), every 20 for Countdown (120 steps).
 set -u
 ref=${1:?reference data directory}
 shift
 seeds=${*:-0 1 2}
+tasks=${TASKS:-sudoku countdown}
+variants=${VARIANTS:-diffu_grpo diffu_grpo_low_lr egspo egspo_sa random uniform}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 out=runs/replication
 mkdir -p $out
-rm -f $out/DONE
+rm -f $out/DONE $out/NOBASE
 
-build_base() {  # task reference-file
-    local task=$1 file=$2
-    [ -f $out/$task-base/chosen/config.json ] && return 0
-    python scripts/build_base.py --config configs/replication/sft_$task.yaml --out $out/$task-base \
-        --reference-test "$ref/$file" --target 10,40 > $out/$task-base.log 2>&1
+reference_file() {  # task
+    case $1 in sudoku) echo 4x4_test_sudoku.csv ;; countdown) echo countdown_cd3_test.jsonl ;; esac
 }
 
-grid() {  # task reference-file
-    local task=$1 file=$2
+build_base() {  # task
+    local task=$1
+    [ -f $out/$task-base/chosen/config.json ] && return 0
+    python scripts/build_base.py --config configs/replication/sft_$task.yaml --out $out/$task-base \
+        --reference-test "$ref/$(reference_file $task)" --target 10,40 > $out/$task-base.log 2>&1 \
+        || echo $task >> $out/NOBASE
+}
+
+grid() {  # task
+    local task=$1 every=25
+    [ $task = countdown ] && every=20
     [ -f $out/$task-base/chosen/config.json ] || { echo "no $task base: see $out/$task-base.log" >&2; return 1; }
-    python scripts/replicate.py --task $task --reference-test "$ref/$file" --seeds $seeds --out $out \
-        --variants diffu_grpo diffu_grpo_low_lr egspo egspo_sa random uniform --parallel 18 \
+    # shellcheck disable=SC2086
+    python scripts/replicate.py --task $task --reference-test "$ref/$(reference_file $task)" --seeds $seeds \
+        --variants $variants --parallel 18 --every $every \
         model.name_or_path=$out/$task-base/chosen > $out/$task-grid.log 2>&1
 }
 
 start=$(date +%s)
-build_base sudoku 4x4_test_sudoku.csv &
-build_base countdown countdown_cd3_test.jsonl &
+for task in $tasks; do build_base $task & done
 wait
-grid sudoku 4x4_test_sudoku.csv &
-grid countdown countdown_cd3_test.jsonl &
+for task in $tasks; do grid $task & done
 wait
 echo "$(( $(date +%s) - start )) s" > $out/DONE

@@ -13,6 +13,7 @@ from egspo.tasks.countdown import (
     countdown_score,
     evaluate_expression,
     generate_countdown,
+    solve_countdown,
 )
 from egspo.tasks.data import DataError
 
@@ -124,7 +125,28 @@ def test_rows_prompt_and_reference_completion():
     assert task.messages(row)[1]["content"] == question
     completion = task.reference_completion(row)
     assert countdown_score(completion, row["numbers"], row["target"]) == 1.0
-    assert task.reference_completion({"numbers": [1, 2], "target": 3}) is None
+    assert task.reference_completion({"numbers": [1, 2], "target": 3}).endswith("<answer>\n1+2\n</answer>")
+    assert task.reference_completion({"numbers": [1, 1], "target": 7}) is None
+
+
+@pytest.mark.parametrize(("numbers", "target", "expected"), [
+    ([30, 100, 93], 23, "30+93-100"),  # a + - chain without negative intermediates, not 30-(100-93)
+    ([2, 3, 4], 24, "2*3*4"),  # + - first, then *, numbers in the given order
+    ([56, 1, 26], 82, "56*1+26"),
+    ([8, 3, 8, 3], 24, "8/(3-8/3)"),  # fractional intermediates only when nothing else works
+    ([1, 1], 7, None),
+])
+def test_solve_countdown_finds_the_simplest_solution(numbers, target, expected):
+    assert solve_countdown(numbers, target) == expected
+    if expected is not None:
+        assert countdown_score(_answer(expected), numbers, target) == 1.0
+
+
+def test_solver_covers_generated_rows():
+    for row in generate_countdown(200, "train", seed=5):
+        expression = solve_countdown(row["numbers"], row["target"])
+        assert countdown_score(_answer(expression), row["numbers"], row["target"]) == 1.0
+        assert expression.count("*") + expression.count("/") <= row["expression"].count("*") + row["expression"].count("/")
 
 
 def test_file_formats_and_errors(tmp_path):
