@@ -60,18 +60,46 @@ def sft_pairs(cfg: Config, tokenizer: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def encode_completions(tokenizer: Any, texts: list[str], length: int, eos_id: int, device: torch.device) -> torch.Tensor:
+def encode_completions(tokenizer: Any, texts: list[str], length: int, eos_id: int) -> torch.Tensor:
     """(B, length) completion ids, each ended by and filled with ``eos_id``; too long ones are cut."""
     out = torch.full((len(texts), length), eos_id, dtype=torch.long)
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
     too_long = 0
-    for i, text in enumerate(texts):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+    for i, ids in enumerate(encoded):
+        ids = ids[:length]
         too_long += len(ids) == length
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     if too_long:
         logger.warning("%d completion(s) fill all %d positions and have no end token; raise sampler.gen_length.",
                        too_long, length)
-    return out.to(device)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTData:
+    """Every SFT example tokenized once: left-padded prompts and end-padded completions (CPU tensors)."""
+
+    prompt_ids: torch.Tensor  # (N, W) left-padded to the longest prompt
+    prompt_mask: torch.Tensor  # (N, W) 1 on prompt tokens
+    prompt_lengths: torch.Tensor  # (N,)
+    completions: torch.Tensor  # (N, gen_length)
+
+    @classmethod
+    def encode(cls, tokenizer: Any, pairs: list[tuple[str, str]], max_prompt_length: int, gen_length: int,
+               eos_id: int) -> SFTData:
+        ids, mask = encode_prompts(tokenizer, [p for p, _ in pairs], max_prompt_length, torch.device("cpu"))
+        completions = encode_completions(tokenizer, [c for _, c in pairs], gen_length, eos_id)
+        return cls(ids, mask, mask.sum(1), completions)
+
+    def __len__(self) -> int:
+        return self.completions.shape[0]
+
+    def batch(self, picks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt ids, prompt mask, completion ids) of ``picks``, prompts left-padded to the batch's longest."""
+        width = int(self.prompt_lengths[picks].max())
+        start = self.prompt_ids.shape[1] - width
+        return (self.prompt_ids[picks, start:].to(device), self.prompt_mask[picks, start:].to(device),
+                self.completions[picks].to(device))
 
 
 def masked_diffusion_loss(
@@ -94,6 +122,7 @@ def sft(cfg: Config, resume: bool = False) -> Path:
     dlm = prepare_for_training(dlm, cfg.model, need_reference=False)
     model = dlm.model
     pairs = sft_pairs(cfg, tokenizer)
+    data = SFTData.encode(tokenizer, pairs, cfg.task.max_prompt_length, cfg.sampler.gen_length, dlm.eos_id)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.max_steps)
     model, optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train)
@@ -117,12 +146,10 @@ def sft(cfg: Config, resume: bool = False) -> Path:
             # examples and masks of (step, micro) depend only on the seed: resume repeats them exactly
             index = (step * cfg.train.gradient_accumulation_steps + micro) * global_batch
             gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + index)
-            epoch = index // len(pairs)
-            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-            picks = [int(order[(index + acc.process_index * batch + j) % len(pairs)]) for j in range(batch)]
-            prompts = [pairs[i][0] for i in picks]
-            ids, mask = encode_prompts(tokenizer, prompts, cfg.task.max_prompt_length, acc.device)
-            targets = encode_completions(tokenizer, [pairs[i][1] for i in picks], gen_len, dlm.eos_id, acc.device)
+            epoch = index // len(data)
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
+            picks = order[(index + acc.process_index * batch + torch.arange(batch)) % len(data)]
+            ids, mask, targets = data.batch(picks, acc.device)
             t = torch.rand(batch, generator=gen) * (1 - MIN_MASK_PROB) + MIN_MASK_PROB
             masked = (torch.rand(batch, gen_len, generator=gen) < t.unsqueeze(1)).to(acc.device)
             noisy = torch.where(masked, torch.full_like(targets, dlm.mask_id), targets)
