@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from egspo.checkpoint import list_checkpoints
+from egspo.checkpoint import check_fresh_or_resume, list_checkpoints
 from egspo.config import ModelConfig, load_config
 from egspo.demo import EVAL_SEED
 from egspo.evaluate import evaluate_rows
@@ -61,6 +61,8 @@ def main() -> None:
 
     overrides = [f"train.output_dir={out / 'sft'}", *args.overrides]
     cfg = load_config(args.config, overrides)  # fails fast on a bad config, before SFT starts
+    # SFT would refuse an old run's checkpoints, but they would be evaluated (and chosen) here first
+    check_fresh_or_resume(out / "sft", resume=False)
     task = get_task(cfg.task.name)
     options = cfg.task.options
     sets = {"held_out": task.load(None, "test", args.num_eval, EVAL_SEED, **options)}
@@ -74,6 +76,10 @@ def main() -> None:
 
     # SFT runs in its own process; each checkpoint is evaluated as soon as it is complete (checkpoints
     # are renamed into place whole), and SFT is stopped at the first one in range unless --all.
+    # SFT keeps only train.keep_last checkpoints and goes on saving while one is evaluated, so each is
+    # copied first (OUT/evaluating, renamed to OUT/chosen when chosen); one pruned before it is copied
+    # is skipped.
+    staging, target = out / "evaluating", out / "chosen"
     command = [sys.executable, "-m", "egspo.cli", "sft", "--config", args.config, *overrides]
     logger.info("SFT: %s", shlex.join(command))
     start = time.perf_counter()
@@ -93,7 +99,15 @@ def main() -> None:
                 continue
             ckpt = pending[0]
             done.add(ckpt.name)
-            dlm, tokenizer = load_model(ModelConfig(name_or_path=str(ckpt / "model"), dtype="float32"), device=device)
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                shutil.copytree(ckpt / "model", staging)
+            except (FileNotFoundError, shutil.Error) as exc:
+                if ckpt in list_checkpoints(out / "sft")[-cfg.train.keep_last:]:
+                    raise  # not being pruned: a broken checkpoint
+                logger.warning("%s was deleted (train.keep_last) before it was evaluated: %s", ckpt.name, exc)
+                continue
+            dlm, tokenizer = load_model(ModelConfig(name_or_path=str(staging), dtype="float32"), device=device)
             entry: dict = {"checkpoint": ckpt.name, "seconds_since_start": round(time.perf_counter() - start, 1)}
             for name, rows in sets.items():
                 entry[name] = evaluate_rows(dlm, tokenizer, task, rows, greedy, batch_size=256)[1]
@@ -103,6 +117,8 @@ def main() -> None:
             metric = metric or ("puzzle_accuracy" if "puzzle_accuracy" in entry["held_out"] else "accuracy")
             if chosen is None and low <= entry["held_out"][metric] <= high:
                 chosen = entry
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
                 if not args.all:
                     break
     finally:
@@ -110,13 +126,10 @@ def main() -> None:
             proc.terminate()
             proc.wait()
             sft_seconds = time.perf_counter() - start
+        shutil.rmtree(staging, ignore_errors=True)
     if proc.returncode not in (0, -signal.SIGTERM) and chosen is None:
         logger.error("SFT failed (exit code %s)", proc.returncode)
         sys.exit(1)
-    if chosen is not None:
-        target = out / "chosen"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(out / "sft" / chosen["checkpoint"] / "model", target)
     (out / "selection.json").write_text(json.dumps(
         {"config": args.config, "sft_seconds": sft_seconds, "device": device, "metric": metric,
          "target": [low, high], "chosen": chosen, "checkpoints": results}, indent=2))
