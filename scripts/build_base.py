@@ -127,12 +127,13 @@ def main() -> None:
             proc.wait()
             sft_seconds = time.perf_counter() - start
         shutil.rmtree(staging, ignore_errors=True)
-    if proc.returncode not in (0, -signal.SIGTERM) and chosen is None:
-        logger.error("SFT failed (exit code %s)", proc.returncode)
+    failed = proc.returncode not in (0, -signal.SIGTERM) and chosen is None
+    (out / "selection.json").write_text(json.dumps(  # also when SFT failed: keeps what was evaluated
+        {"config": args.config, "sft_seconds": sft_seconds, "sft_exit_code": proc.returncode, "device": device,
+         "metric": metric, "target": [low, high], "chosen": chosen, "checkpoints": results}, indent=2))
+    if failed:
+        logger.error("SFT failed (exit code %s); evaluations so far in %s", proc.returncode, out / "selection.json")
         sys.exit(1)
-    (out / "selection.json").write_text(json.dumps(
-        {"config": args.config, "sft_seconds": sft_seconds, "device": device, "metric": metric,
-         "target": [low, high], "chosen": chosen, "checkpoints": results}, indent=2))
     if chosen is None:
         logger.error("No checkpoint has held-out %s in %s-%s%%; see %s", metric, low, high, out / "selection.json")
         sys.exit(1)

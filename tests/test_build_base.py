@@ -25,12 +25,12 @@ def build_base(monkeypatch):
     return module
 
 
-def _fake_sft(module, monkeypatch, model: Path, out: Path, steps: list[int]) -> list[list[str]]:
-    """Popen stand-in that writes complete checkpoints of ``model`` at once, then has exited with 0."""
+def _fake_sft(module, monkeypatch, model: Path, out: Path, steps: list[int], code: int = 0) -> list[list[str]]:
+    """Popen stand-in that writes complete checkpoints of ``model`` at once, then has exited with ``code``."""
     started: list[list[str]] = []
 
     class FakeProcess:
-        returncode = 0
+        returncode = code
 
         def __init__(self, command):
             started.append(command)
@@ -38,7 +38,7 @@ def _fake_sft(module, monkeypatch, model: Path, out: Path, steps: list[int]) -> 
                 shutil.copytree(model, out / "sft" / f"checkpoint-{step}" / "model")
 
         def poll(self):
-            return 0
+            return code
 
         def terminate(self):
             pass
@@ -91,3 +91,16 @@ def test_checkpoints_pruned_while_evaluating(build_base, monkeypatch, micro_mode
     assert [c["checkpoint"] for c in selection["checkpoints"]] == ["checkpoint-20"]
     assert selection["chosen"]["checkpoint"] == "checkpoint-20"
     assert (out / "chosen" / "config.json").is_file() and not (out / "evaluating").exists()
+
+
+def test_a_failed_sft_keeps_the_evaluations_and_exits_nonzero(build_base, monkeypatch, micro_model, tmp_path):
+    out = tmp_path / "base"
+    _fake_sft(build_base, monkeypatch, micro_model, out, [10], code=1)
+    monkeypatch.setattr(build_base, "evaluate_rows", lambda *a, **k: (None, {"accuracy": 5.0}))
+    with pytest.raises(SystemExit) as exit_info:
+        _run(build_base, monkeypatch, out)
+    assert exit_info.value.code == 1
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["sft_exit_code"] == 1 and selection["chosen"] is None
+    assert [c["checkpoint"] for c in selection["checkpoints"]] == ["checkpoint-10"]
+    assert not (out / "chosen").exists()

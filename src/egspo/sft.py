@@ -54,7 +54,8 @@ def sft_pairs(cfg: Config, tokenizer: Any) -> list[tuple[str, str]]:
         if completion is None:
             raise ConfigError(
                 f"SFT row {i} of task {cfg.task.name!r} has no 'completion' field and the task has no reference "
-                "completion for it: give a jsonl of prompt/completion pairs in task.train_file."
+                "completion for it (no solution field, or for countdown no solution exists): fix or drop the row, "
+                "or give a jsonl of prompt/completion pairs in task.train_file."
             )
         pairs.append((format_prompt(tokenizer, task.messages(row)), completion))
     return pairs
