@@ -125,27 +125,9 @@ _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 _ATOM = 3
 
 
-def random_expression(rng: random.Random, numbers: Sequence[int]) -> tuple[str, Fraction]:
-    """A random expression using each number once (any tree shape), with minimal parentheses."""
-    # Each term: (value, text, precedence of its outermost operator).
-    terms = [(Fraction(x), str(x), _ATOM) for x in numbers]
-    while len(terms) > 1:
-        i, j = rng.sample(range(len(terms)), 2)
-        (left, left_text, left_prec), (right, right_text, right_prec) = terms[i], terms[j]
-        op = rng.choice("+-*" if right == 0 else "+-*/")
-        prec = _PRECEDENCE[op]
-        if left_prec < prec:
-            left_text = f"({left_text})"
-        if right_prec < prec or (right_prec == prec and op in "-/"):
-            right_text = f"({right_text})"
-        combined = (_OPERATIONS[op](left, right), f"{left_text}{op}{right_text}", prec)
-        terms = [term for k, term in enumerate(terms) if k not in (i, j)] + [combined]
-    value, text, _ = terms[0]
-    return text, value
-
-
-#: A search term: (value, precedence of its outermost operator, bad intermediates, node); the node is
-#: the number's text or (operator, left term, right term). Text is made only for solutions.
+#: An expression term of the generator and the solver: (value, precedence of its outermost operator,
+#: bad intermediates, node); the node is the number's text or (operator, left term, right term). Text
+#: is made only when needed (:func:`_render`): the solver renders solutions only.
 _Term = tuple[int | Fraction, int, int, Any]
 
 
@@ -156,7 +138,7 @@ def _combine(op: str, left: int | Fraction, right: int | Fraction) -> int | Frac
 
 
 def _render(term: _Term) -> str:
-    """The text of a term, with the parentheses its precedences need (as :func:`random_expression`)."""
+    """The text of a term, with only the parentheses its precedences need."""
     _, prec, _, node = term
     if isinstance(node, str):
         return node
@@ -167,6 +149,18 @@ def _render(term: _Term) -> str:
     if right[1] < prec or (right[1] == prec and op in "-/"):
         right_text = f"({right_text})"
     return f"{left_text}{op}{right_text}"
+
+
+def random_expression(rng: random.Random, numbers: Sequence[int]) -> tuple[str, Fraction]:
+    """A random expression using each number once (any tree shape), with minimal parentheses."""
+    terms: list[_Term] = [(int(x), _ATOM, 0, str(int(x))) for x in numbers]
+    while len(terms) > 1:
+        i, j = rng.sample(range(len(terms)), 2)
+        left, right = terms[i], terms[j]
+        op = rng.choice("+-*" if right[0] == 0 else "+-*/")
+        combined = (_combine(op, left[0], right[0]), _PRECEDENCE[op], 0, (op, left, right))
+        terms = [term for k, term in enumerate(terms) if k not in (i, j)] + [combined]
+    return _render(terms[0]), Fraction(terms[0][0])
 
 
 def _combinations(terms: list[_Term], ops: str) -> Iterator[_Term]:
