@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,17 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 #: Dense bf16 peak of an H100 SXM measured by a plain matmul here (docs/benchmarks.md).
 PEAK_TFLOPS = {"cuda": 797.0, "cpu": float("nan")}
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model shape, rollout shape (the paper's settings by default) and device options."""
+    parser.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=6, help="Rollouts in a forward (the paper's per-device 6).")
+    parser.add_argument("--prompt-len", type=int, default=200)
+    parser.add_argument("--gen-length", type=int, default=256)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def random_llada(shape: str, device: torch.device, dtype: torch.dtype) -> DiffusionLM:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import random_llada, timed
+from common import add_shape_arguments, random_llada, timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from egspo.models.adapter import DiffusionLM
@@ -194,17 +194,11 @@ def report(case: str, before: tuple, after: tuple, same: bool, how_before: str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "small", "llada-8b"])
+    add_shape_arguments(parser)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    parser.add_argument("--batch", type=int, default=6, help="Rollouts in a forward (the paper's per-device 6).")
     parser.add_argument("--greedy-batch", type=int, default=48, help="Rollouts for the greedy and per_row cases.")
-    parser.add_argument("--prompt-len", type=int, default=200)
-    parser.add_argument("--gen-length", type=int, default=256)
-    parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default=None, help="Also append each JSON line to this file.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)

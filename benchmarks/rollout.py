@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import PEAK_TFLOPS, forward_flops, param_counts, random_llada, timed  # noqa: E402
+from common import PEAK_TFLOPS, add_shape_arguments, forward_flops, param_counts, random_llada, timed  # noqa: E402
 
 from egspo.config import SamplerConfig  # noqa: E402
 from egspo.models.adapter import DiffusionLM  # noqa: E402
@@ -50,18 +50,12 @@ def computed_flops(dlm: DiffusionLM, batch: int, prompt_len: int, gen_length: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "small", "llada-8b"])
-    parser.add_argument("--batch", type=int, default=6)
-    parser.add_argument("--prompt-len", type=int, default=200)
-    parser.add_argument("--gen-length", type=int, default=256)
-    parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=128)
+    add_shape_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model forward (fixed shapes).")
     parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
                         help="rollout KV cache (prefix/dual are approximate)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     device = torch.device(args.device)

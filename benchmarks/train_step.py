@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import PEAK_TFLOPS, forward_flops, random_llada  # noqa: E402
+from common import PEAK_TFLOPS, add_shape_arguments, forward_flops, random_llada  # noqa: E402
 
 from egspo.config import ModelConfig, SamplerConfig  # noqa: E402
 from egspo.models.lora import prepare_for_training  # noqa: E402
@@ -38,13 +38,8 @@ from egspo.sampling import sample  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "small", "llada-8b"])
-    parser.add_argument("--batch", type=int, default=6)
+    add_shape_arguments(parser)
     parser.add_argument("--group", type=int, default=8, help="G; a batch smaller than G is one partial group")
-    parser.add_argument("--prompt-len", type=int, default=200)
-    parser.add_argument("--gen-length", type=int, default=256)
-    parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=128)
@@ -52,7 +47,6 @@ def main() -> None:
     parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
                         help="rollout KV cache (prefix/dual are approximate)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the rollout forward")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     device = torch.device(args.device)
