@@ -8,13 +8,16 @@ Each run is ``scripts/rl_curve.py --config configs/replication/rl_TASK.yaml`` wi
 overrides and ``train.seed=SEED`` (the seed also changes the order of the training problems and the
 rollouts' noise; the base model is the same). Runs go to OUT/TASK/VARIANT-sSEED (curve.json,
 metrics.jsonl, config.yaml, log.txt); OUT/TASK/runs.json records each run's command, exit code and
-wall time. Runs that share a GPU slow each other down: the wall times say how many ran at once.
+wall time (merged with the records of earlier commands, so one command per seed builds one file), and
+OUT/TASK/commands.jsonl gets one line per command with its seeds, variants and total seconds.
+Runs that share a GPU slow each other down: the wall times say how many ran at once.
 ``--deadline`` stops runs still going after that many seconds (their curves keep what was done).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +38,22 @@ VARIANTS: dict[str, list[str]] = {
     "random": ["rl.algorithm=egspo_sa", "rl.step_selection=random"],
     "uniform": ["rl.algorithm=egspo_sa", "rl.step_selection=uniform"],
 }
+
+
+def save_records(task_dir: Path, records: list[dict], command: dict) -> None:
+    """Merge ``records`` into TASK_DIR/runs.json (a rerun replaces a run's record) and append ``command``
+    to TASK_DIR/commands.jsonl, under a lock: commands for different seeds may finish together."""
+    with (task_dir / ".runs.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = task_dir / "runs.json"
+        earlier = json.loads(path.read_text()) if path.exists() else []
+        names = {record["run"] for record in records}
+        merged = [record for record in earlier if record["run"] not in names] + records
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        tmp.replace(path)
+        with (task_dir / "commands.jsonl").open("a") as log:
+            log.write(json.dumps(command) + "\n")
 
 
 def main() -> None:
@@ -100,7 +119,12 @@ def main() -> None:
         records = [{k: (str(v) if isinstance(v, Path) else v) for k, v in job.items()} for job in finished]
         for record in records:
             record["command"] = shlex.join(record["command"])
-        (task_dir / "runs.json").write_text(json.dumps(records, indent=1))
+        seconds = round(time.perf_counter() - start, 1)
+        save_records(task_dir, records, {
+            "command": shlex.join([sys.executable, *sys.argv]), "seeds": args.seeds, "variants": args.variants,
+            "runs": len(queue), "finished": len(finished), "parallel": args.parallel, "seconds": seconds,
+            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")})
+        logger.info("%d of %d runs finished in %.0f s", len(finished), len(queue), seconds)
     failed = [job["run"] for job in finished if job["returncode"] != 0]
     if failed:
         logger.error("failed runs: %s (see their log.txt)", ", ".join(failed))
