@@ -6,9 +6,10 @@
 For each task directory under --runs (sudoku, countdown): reads every run's curve.json and
 metrics.jsonl, and writes
 - DATA/TASK_runs.json: per run the final and best accuracies, training and wall seconds;
-- DATA/TASK_table.md: the table of docs/results.md (mean ± std over seeds, min-max in brackets);
+- DATA/TASK_table.md: the table of docs/results.md (mean ± std over seeds, min-max in brackets), with
+  each run's gain over its own step-0 evaluation (runs of one table may start from different bases);
 - IMAGES/replication_TASK_curves.png: reference-set accuracy against rollouts and against training
-  seconds, mean over seeds with the min-max band;
+  seconds, mean over seeds with the min-max band (the gain over step 0 when the runs' bases differ);
 - IMAGES/replication_TASK_steps.png: which denoising steps were selected (share of all selections).
 The headline metric is the task's whole-answer accuracy: puzzle accuracy for Sudoku, accuracy else.
 """
@@ -64,6 +65,7 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         "variant": variant, "seed": int(seed), "steps": last["step"], "rollouts": last["rollouts"],
         "base_reference": headline(curve[0].get("reference", {})), "base_held_out": headline(curve[0]["held_out"]),
         "final_reference": headline(last.get("reference", {})), "final_held_out": headline(last["held_out"]),
+        "gain_reference": headline(last.get("reference", {})) - headline(curve[0].get("reference", {})),
         "best_reference": max(headline(e.get("reference", {})) for e in curve),
         "train_seconds": last["train_seconds"], "wall_seconds": last["seconds"],
         "reward_last10": statistics.fmean(r["reward/mean"] for r in rows[-10:]) if rows else float("nan"),
@@ -71,27 +73,31 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], sign: bool = False) -> str:
+    """Mean ± sample standard deviation [min-max]; ``sign`` writes + on positive figures (gains)."""
+    f, to = ("+.1f", " to ") if sign else (".1f", "-")
     mean = statistics.fmean(values)
     if len(values) == 1:
-        return f"{mean:.1f} (1 seed)"
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
+        return f"{mean:{f}} (1 seed)"
+    return f"{mean:{f}} ± {statistics.stdev(values):.1f} [{min(values):{f}}{to}{max(values):{f}}]"
 
 
 def table(task: str, runs: list[dict[str, Any]]) -> str:
     by_variant = defaultdict(list)
     for run in runs:
         by_variant[run["variant"]].append(run)
-    lines = ["| variant | seeds | steps (rollouts) | reference acc. % | held-out acc. % | best reference % | "
-             "train s | wall s |", "|---|---|---|---|---|---|---|---|"]
-    base = runs[0]
-    lines.append(f"| base model | | 0 | {base['base_reference']:.1f} | {base['base_held_out']:.1f} | | | |")
+    lines = ["| variant | seeds | steps (rollouts) | reference acc. % | gain over step 0 (points) | held-out acc. % | "
+             "best reference % | train s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    bases = sorted({(r["base_reference"], r["base_held_out"]) for r in runs})  # several when bases were rebuilt
+    lines.append(f"| base model | | 0 | {' / '.join(f'{b[0]:.1f}' for b in bases)} | | "
+                 f"{' / '.join(f'{b[1]:.1f}' for b in bases)} | | | |")
     for variant in [v for v in ORDER if v in by_variant]:
         group = by_variant[variant]
         steps = sorted({r["steps"] for r in group})
         lines.append(
             f"| {LABELS[variant]} | {len(group)} | {'/'.join(map(str, steps))} ({group[0]['rollouts']}) | "
-            f"{spread([r['final_reference'] for r in group])} | {spread([r['final_held_out'] for r in group])} | "
+            f"{spread([r['final_reference'] for r in group])} | {spread([r['gain_reference'] for r in group], sign=True)} | "
+            f"{spread([r['final_held_out'] for r in group])} | "
             f"{spread([r['best_reference'] for r in group])} | "
             f"{statistics.fmean(r['train_seconds'] for r in group):.0f} | "
             f"{statistics.fmean(r['wall_seconds'] for r in group):.0f} |")
@@ -100,12 +106,14 @@ def table(task: str, runs: list[dict[str, Any]]) -> str:
 
 def plot_curves(task: str, runs: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    gain = len({r["base_reference"] for r in runs}) > 1  # different bases: compare gains, not levels
     for variant in ORDER:
         group = [r for r in runs if r["variant"] == variant]
         if not group:
             continue
         n = min(len(r["curve"]) for r in group)
-        acc = [[headline(e.get("reference", e["held_out"])) for e in r["curve"][:n]] for r in group]
+        acc = [[headline(e.get("reference", e["held_out"])) - (r["base_reference"] if gain else 0.0)
+                for e in r["curve"][:n]] for r in group]
         mean = [statistics.fmean(col) for col in zip(*acc)]
         low, high = [min(col) for col in zip(*acc)], [max(col) for col in zip(*acc)]
         xs = {"rollouts": [e["rollouts"] for e in group[0]["curve"][:n]],
@@ -115,9 +123,10 @@ def plot_curves(task: str, runs: list[dict[str, Any]], path: Path) -> None:
             ax.fill_between(xs[key], low, high, color=COLORS[variant], alpha=0.15)
     axes[0].set_xlabel("rollouts")
     axes[1].set_xlabel("training seconds (rollout + scoring + updates; runs shared one GPU)")
-    axes[0].set_ylabel("reference-set accuracy (%)")
+    axes[0].set_ylabel("reference-set accuracy, gain over step 0 (points)" if gain else "reference-set accuracy (%)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{task}: greedy accuracy on the reference test set (mean over seeds, min-max band)")
+    what = "gain in greedy accuracy over each run's step 0" if gain else "greedy accuracy"
+    fig.suptitle(f"{task}: {what} on the reference test set (mean over seeds, min-max band)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
