@@ -320,3 +320,22 @@ def assert_cuda_bf16_matches_cpu(make_model, autocast: bool) -> None:
 @pytest.mark.parametrize("autocast", [True, False])
 def test_cuda_bf16_matches_cpu(autocast):
     assert_cuda_bf16_matches_cpu(tiny_model, autocast)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_backends_agree(padded):
+    """The fused CPU attention kernel and the math kernel compute the same logits in float32 (the GPU
+    benchmark's bf16 comparison of the two is dominated by rounding; docs/benchmarks.md)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, x = tiny_model(), ids(batch=3, length=16)
+    mask = torch.ones_like(x)
+    if padded:
+        mask[0, :5] = 0
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.MATH]):
+            math_logits = model(x, attention_mask=mask).logits
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            fused_logits = model(x, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(fused_logits[keep], math_logits[keep], rtol=1e-5, atol=1e-5)
