@@ -61,11 +61,12 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         if counts:
             hist = add_counts(hist, counts)
     last = curve[-1]
+    base_reference, final_reference = headline(curve[0].get("reference", {})), headline(last.get("reference", {}))
     return {
         "variant": variant, "seed": int(seed), "steps": last["step"], "rollouts": last["rollouts"],
-        "base_reference": headline(curve[0].get("reference", {})), "base_held_out": headline(curve[0]["held_out"]),
-        "final_reference": headline(last.get("reference", {})), "final_held_out": headline(last["held_out"]),
-        "gain_reference": headline(last.get("reference", {})) - headline(curve[0].get("reference", {})),
+        "base_reference": base_reference, "base_held_out": headline(curve[0]["held_out"]),
+        "final_reference": final_reference, "final_held_out": headline(last["held_out"]),
+        "gain_reference": final_reference - base_reference,
         "best_reference": max(headline(e.get("reference", {})) for e in curve),
         "train_seconds": last["train_seconds"], "wall_seconds": last["seconds"],
         "reward_last10": statistics.fmean(r["reward/mean"] for r in rows[-10:]) if rows else float("nan"),
