@@ -172,7 +172,7 @@ def case_grad_ckpt(dlm, args, device) -> dict:
     try:  # both peaks include the gradients (16 GB at 8B): no gradients held when each measure starts
         before = measure(step, device, args.repeat)
         model.zero_grad(set_to_none=True)
-        enable_gradient_checkpointing(model)  # what model.gradient_checkpointing=true does
+        enable_gradient_checkpointing(model)  # what gradient_checkpointing=true does
         after = measure(step, device, args.repeat)
     finally:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable

@@ -59,17 +59,17 @@ def main() -> None:
     out = Path(args.out)
     low, high = (float(x) for x in args.target.split(","))
 
-    overrides = [f"train.output_dir={out / 'sft'}", *args.overrides]
+    overrides = [f"output_dir={out / 'sft'}", *args.overrides]
     cfg = load_config(args.config, overrides)  # fails fast on a bad config, before SFT starts
     # SFT would refuse an old run's checkpoints, but they would be evaluated (and chosen) here first
     check_fresh_or_resume(out / "sft", resume=False)
-    task = get_task(cfg.task.name)
-    options = cfg.task.options
+    task = get_task(cfg.task)
+    options = cfg.task_options
     sets = {"held_out": task.load(None, "test", args.num_eval, EVAL_SEED, **options)}
     if args.reference_test:
         sets["reference"] = task.load(args.reference_test, "test", 0, 0, **options)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    greedy = dataclasses.replace(cfg.sampler, temperature=0.0)
+    greedy = dataclasses.replace(cfg.rollout_sampler(), temperature=0.0)
     metric = args.metric
     results: list[dict] = []
     chosen = None
@@ -103,7 +103,7 @@ def main() -> None:
             try:
                 shutil.copytree(ckpt / "model", staging)
             except (FileNotFoundError, shutil.Error) as exc:
-                if ckpt in list_checkpoints(out / "sft")[-cfg.train.keep_last:]:
+                if ckpt in list_checkpoints(out / "sft")[-cfg.save_total_limit:]:
                     raise  # not being pruned: a broken checkpoint
                 logger.warning("%s was deleted (train.keep_last) before it was evaluated: %s", ckpt.name, exc)
                 continue

@@ -5,7 +5,7 @@
         [--out runs/replication] [--deadline 540] [overrides ...]
 
 Each run is ``scripts/rl_curve.py --config configs/replication/rl_TASK.yaml`` with the variant's
-overrides and ``train.seed=SEED`` (the seed also changes the order of the training problems and the
+overrides and ``seed=SEED`` (the seed also changes the order of the training problems and the
 rollouts' noise; the base model is the same). Runs go to OUT/TASK/VARIANT-sSEED (curve.json,
 metrics.jsonl, config.yaml, log.txt); OUT/TASK/runs.json records each run's command, exit code and
 wall time (merged with the records of earlier commands, so one command per seed builds one file), and
@@ -31,12 +31,12 @@ logger = logging.getLogger("replicate")
 ROOT = Path(__file__).resolve().parent.parent
 #: The algorithm variants of the table and the overrides that make each from configs/replication/rl_*.yaml.
 VARIANTS: dict[str, list[str]] = {
-    "diffu_grpo": ["rl.algorithm=diffu_grpo"],
-    "diffu_grpo_low_lr": ["rl.algorithm=diffu_grpo", "train.learning_rate=1e-4"],
-    "egspo": ["rl.algorithm=egspo"],
-    "egspo_sa": ["rl.algorithm=egspo_sa"],
-    "random": ["rl.algorithm=egspo_sa", "rl.step_selection=random"],
-    "uniform": ["rl.algorithm=egspo_sa", "rl.step_selection=uniform"],
+    "diffu_grpo": ["algorithm=diffu_grpo"],
+    "diffu_grpo_low_lr": ["algorithm=diffu_grpo", "learning_rate=1e-4"],
+    "egspo": ["algorithm=egspo"],
+    "egspo_sa": ["algorithm=egspo_sa"],
+    "random": ["algorithm=egspo_sa", "step_selection=random"],
+    "uniform": ["algorithm=egspo_sa", "step_selection=uniform"],
 }
 
 
@@ -79,7 +79,7 @@ def main() -> None:
             out = task_dir / f"{variant}-s{seed}"
             command = [sys.executable, str(ROOT / "scripts" / "rl_curve.py"), "--config", str(config),
                        "--out", str(out), "--every", str(args.every), "--reference-test", args.reference_test,
-                       f"train.seed={seed}", *VARIANTS[variant], *args.overrides]
+                       f"seed={seed}", *VARIANTS[variant], *args.overrides]
             queue.append({"run": out.name, "variant": variant, "seed": seed, "out": out, "command": command})
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),

@@ -50,7 +50,7 @@ grid() {  # task seed
     # shellcheck disable=SC2086
     python scripts/replicate.py --task $task --reference-test "$ref/$(reference_file $task)" --seeds $seed \
         --variants ${VARIANTS:-${default_variants[$task]}} --parallel 18 --every ${every[$task]} \
-        model.name_or_path=$out/$task-base/chosen > $out/$task-grid-s$seed.log 2>&1
+        model_name_or_path=$out/$task-base/chosen > $out/$task-grid-s$seed.log 2>&1
 }
 
 jobs=()

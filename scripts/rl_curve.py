@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python scripts/rl_curve.py --out runs/curve_egspo --every 20 \
         [--config configs/replication/rl_sudoku.yaml] [--reference-test FILE] \
-        train.max_steps=200 rl.algorithm=egspo_sa
+        max_steps=200 algorithm=egspo_sa
 
 Trains with the config (default: the packaged demo config) plus overrides and evaluates the policy
 greedily (the config's eval sampler) on ``task.num_eval`` held-out generated problems and on the
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from egspo.config import load_config
 from egspo.demo import EVAL_SEED, demo_config
-from egspo.evaluate import evaluate_rows
-from egspo.rl.trainer import RLTrainer
+from egspo.evaluate import evaluate_rows, get_task_or_fail
+from egspo.rl.trainer import EGSPOTrainer
 
 
 def main() -> None:
@@ -37,16 +37,16 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
-    overrides = [f"train.output_dir={out}", "train.save_every=0", *args.overrides]
+    overrides = [f"output_dir={out}", "save_steps=0", *args.overrides, "logging_steps=1"]
     cfg = load_config(args.config, overrides) if args.config else demo_config(overrides)
-    trainer = RLTrainer(cfg)
-    task = trainer.task
-    options = cfg.task.options
-    sets = {"held_out": task.load(None, "test", cfg.task.num_eval, EVAL_SEED, **options)}
+    trainer = EGSPOTrainer(args=cfg)
+    task = get_task_or_fail(cfg.task)
+    options = cfg.task_options
+    sets = {"held_out": task.load(None, "test", cfg.num_eval, EVAL_SEED, **options)}
     if args.reference_test:
         sets["reference"] = task.load(args.reference_test, "test", 0, 0, **options)
-    sampler = cfg.eval.sampler_for(cfg.sampler.gen_length)
-    rollouts_per_step = cfg.train.per_device_batch_size * trainer.accelerator.num_processes
+    sampler = cfg.eval_config().sampler_for(cfg.max_completion_length)
+    rollouts_per_step = cfg.per_device_train_batch_size * trainer.accelerator.num_processes
     curve: list[dict] = []
     start = time.perf_counter()
     train_seconds = 0.0
@@ -55,22 +55,24 @@ def main() -> None:
         entry = {"step": step, "rollouts": step * rollouts_per_step,
                  "seconds": round(time.perf_counter() - start, 1), "train_seconds": round(train_seconds, 1)}
         for name, rows in sets.items():
-            entry[name] = evaluate_rows(trainer.dlm, trainer.tokenizer, task, rows, sampler,
-                                        batch_size=cfg.eval.batch_size)[1]
+            entry[name] = evaluate_rows(trainer.dlm, trainer.processing_class, task, rows, sampler,
+                                        batch_size=cfg.per_device_eval_batch_size)[1]
         curve.append(entry)
         if trainer.accelerator.is_main_process:
             (out / "curve.json").write_text(json.dumps(curve, indent=1))
             sys.stdout.write(json.dumps(entry) + "\n")
             sys.stdout.flush()
 
-    def on_step(step: int, metrics: dict) -> None:
-        nonlocal train_seconds
-        train_seconds += sum(v for k, v in metrics.items() if k.startswith("time/"))
-        if step % args.every == 0 or step == cfg.train.max_steps:
-            record(step)
+    class Curve:  # a trainer callback: logs arrive every step (logging_steps=1)
+        def on_log(self, args_, state, control, logs=None, **kwargs) -> None:
+            nonlocal train_seconds
+            train_seconds += sum(v for k, v in (logs or {}).items() if k.startswith("time/"))
+            if state.global_step % args.every == 0 or state.global_step == cfg.max_steps:
+                record(state.global_step)
 
     record(0)
-    trainer.run(on_step=on_step)
+    trainer.callbacks.callbacks.append(Curve())
+    trainer.train()
 
 
 if __name__ == "__main__":

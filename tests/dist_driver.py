@@ -1,7 +1,7 @@
 """Driver of tests/test_distributed.py: the cross-process pieces of an RL step on a fixed fake batch.
 
 Run in one process (``python tests/dist_driver.py ...``) or several (``ACCELERATE_USE_CPU=1 torchrun
---nproc_per_node 2 tests/dist_driver.py ...``). It builds an RLTrainer on a micro model (so the
+--nproc_per_node 2 tests/dist_driver.py ...``). It builds an EGSPOTrainer on a micro model (so the
 accelerator, the config check at launch and the gather are the trainer's own), takes this process's
 rows of a deterministic global batch of rewards / greedy rewards / selection weights, computes the
 advantages over the global batch with :mod:`egspo.rl.distributed`, and writes ``OUT/rank{r}.json``.
@@ -56,34 +56,34 @@ def main() -> None:
 
     from egspo.config import load_config
     from egspo.rl.distributed import agreed_max, global_group_advantages, global_stepwise_advantages
-    from egspo.rl.trainer import RLTrainer
+    from egspo.rl.trainer import EGSPOTrainer
 
     per_device = GLOBAL_ROWS // args.processes
     out = Path(args.out)
     cfg = load_config(None, [
-        f"model.name_or_path={args.model}", "model.lora=false",
-        "sampler.gen_length=8", "sampler.block_length=8", "sampler.steps=4", "sampler.temperature=1.0",
-        f"rl.num_generations={GROUP}", "rl.num_selected_steps=2",
-        "task.name=custom", f"task.train_file={args.data}", "task.extra_reward_funcs=[tests.reward_fns:count_sevens]",
-        f"train.output_dir={out / 'run'}", f"train.per_device_batch_size={per_device}", "train.max_steps=1",
+        f"model_name_or_path={args.model}", "use_peft=false",
+        "max_completion_length=8", "block_length=8", "diffusion_steps=4", "temperature=1.0",
+        f"num_generations={GROUP}", "num_selected_steps=2",
+        "task=custom", f"train_file={args.data}", "reward_funcs=[tests.reward_fns:count_sevens]",
+        f"output_dir={out / 'run'}", f"per_device_train_batch_size={per_device}", "max_steps=1",
     ])
-    trainer = RLTrainer(cfg)
+    trainer = EGSPOTrainer(args=cfg)
     acc = trainer.accelerator
     # A launcher that starts N independent single-process runs (e.g. --multi_gpu on a CPU machine
     # without ACCELERATE_USE_CPU=1) must fail here, not pass with wrong numbers.
     assert acc.num_processes == args.processes, (acc.num_processes, args.processes)
     rank = acc.process_index
 
-    rewards, greedy, weights = fake_batch(k=cfg.rl.num_selected_steps)
+    rewards, greedy, weights = fake_batch(k=cfg.num_selected_steps)
     mine = slice(rank * per_device, (rank + 1) * per_device)
     result: dict = {"rank": rank, "num_processes": acc.num_processes, "advantages": {}}
-    for name, rl in rl_variants(cfg.rl).items():
+    for name, rl in rl_variants(cfg).items():
         local_greedy = greedy[mine] if rl.stepwise_lambda else None
         adv = global_stepwise_advantages(rewards[mine], local_greedy, weights[mine], rl,
                                          gather=trainer._gather, process_index=rank)
         assert adv.rewards.shape == (GLOBAL_ROWS,) and adv.weights.shape == weights.shape
         result["advantages"][name] = adv.local.tolist()
-    result["group"] = global_group_advantages(rewards[mine], cfg.rl, gather=trainer._gather,
+    result["group"] = global_group_advantages(rewards[mine], cfg, gather=trainer._gather,
                                               process_index=rank).local.tolist()
     result["agreed_max"] = agreed_max(rank + 1, trainer._gather)
     result["trainer_agreed_k"] = trainer._agreed_k(rank + 1)

@@ -115,7 +115,7 @@ def main() -> None:
     trainer_module.make_accelerator = sharded_accelerator
     sft_module.make_accelerator = sharded_accelerator
     if args.dump is not None:
-        run = trainer_module.RLTrainer.run
+        run = trainer_module.EGSPOTrainer.train
 
         def run_and_dump(self, *a, **k):
             out = run(self, *a, **k)
@@ -126,9 +126,9 @@ def main() -> None:
             dump_full_weights(self.dlm.model, args.dump / f"rank{self.accelerator.process_index}.safetensors")
             return out
 
-        trainer_module.RLTrainer.run = run_and_dump
+        trainer_module.EGSPOTrainer.train = run_and_dump
     if args.dump_reference is not None:
-        run_reference = trainer_module.RLTrainer.run
+        run_reference = trainer_module.EGSPOTrainer.train
 
         def run_and_dump_reference(self, *a, **k):
             out = run_reference(self, *a, **k)
@@ -137,7 +137,7 @@ def main() -> None:
             dump_reference(self.dlm, args.dump_reference / f"rank{self.accelerator.process_index}.safetensors")
             return out
 
-        trainer_module.RLTrainer.run = run_and_dump_reference
+        trainer_module.EGSPOTrainer.train = run_and_dump_reference
     sys.exit(cli_main(cli_args))
 
 

@@ -1,48 +1,105 @@
+import warnings
+
 import pytest
 import yaml
 
-from egspo.config import Config, ConfigError, EvalConfig, SamplerConfig, TrainConfig, load_config, save_config
+from egspo.config import (Config, ConfigError, EGSPOConfig, EvalConfig, SamplerConfig, load_config,
+                          save_config)
 
 
 def test_defaults_match_paper_settings():
-    cfg = Config(train=TrainConfig(per_device_batch_size=8))
-    assert cfg.sampler.gen_length == 256 and cfg.sampler.block_length == 32 and cfg.sampler.steps == 128
-    assert cfg.rl.stepwise_lambda == 0.5 and cfg.rl.num_selected_steps == 8
-    assert (cfg.rl.epsilon_low, cfg.rl.epsilon_high, cfg.rl.beta) == (0.2, 0.5, 0.04)
+    cfg = EGSPOConfig(per_device_train_batch_size=8)
+    assert cfg.max_completion_length == 256 and cfg.block_length == 32 and cfg.diffusion_steps == 128
+    assert cfg.stepwise_lambda == 0.5 and cfg.num_selected_steps == 8
+    assert (cfg.epsilon, cfg.epsilon_high, cfg.beta) == (0.2, 0.5, 0.04)
+    assert Config is EGSPOConfig  # the 0.1 name still works
+
+
+def test_trl_names():
+    # the fields a TRL GRPOConfig user reaches for first exist under TRL's names
+    cfg = EGSPOConfig(algorithm="diffu_grpo", output_dir="x", max_steps=3, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=32, block_length=8, diffusion_steps=8, learning_rate=1e-4,
+                      save_steps=1, seed=3, beta=0.0, epsilon=0.3, epsilon_high=0.4, num_iterations=2,
+                      temperature=1.0, logging_steps=2, save_total_limit=1, report_to=[], max_prompt_length=64,
+                      gradient_accumulation_steps=1, p_mask_prompt=0.1, remasking="random")
+    assert cfg.rollout_sampler() == SamplerConfig(gen_length=32, block_length=8, steps=8, temperature=1.0,
+                                                  remasking="random")
 
 
 def test_yaml_and_overrides_roundtrip(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"rl": {"algorithm": "egspo", "num_generations": 4},
-                                    "train": {"per_device_batch_size": 8}}))
-    cfg = load_config(path, ["train.max_steps=7", "rl.beta=0", "eval.gen_lengths=64,128"])
-    assert cfg.rl.stepwise_lambda == 0.0
-    assert cfg.train.max_steps == 7 and cfg.rl.beta == 0.0
-    assert cfg.eval.gen_lengths == [64, 128]
+    path.write_text(yaml.safe_dump({"algorithm": "egspo", "num_generations": 4, "per_device_train_batch_size": 8}))
+    cfg = load_config(path, ["max_steps=7", "beta=0", "eval_completion_lengths=64,128"])
+    assert cfg.stepwise_lambda == 0.0
+    assert cfg.max_steps == 7 and cfg.beta == 0.0
+    assert cfg.eval_completion_lengths == [64, 128]
     out = tmp_path / "resolved.yaml"
     save_config(cfg, out)
     assert load_config(out) == cfg
 
 
+def test_sectioned_files_and_overrides_of_0_1_still_load_with_one_warning(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"rl": {"algorithm": "egspo", "epsilon_low": 0.3},
+                                    "train": {"per_device_batch_size": 8, "mixed_precision": "no"},
+                                    "sampler": {"gen_length": 64, "steps": 32}, "task": {"name": "countdown"}}))
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(path, ["train.max_steps=5"])
+    assert (cfg.algorithm, cfg.epsilon, cfg.per_device_train_batch_size, cfg.bf16) == ("egspo", 0.3, 8, False)
+    assert (cfg.max_completion_length, cfg.diffusion_steps, cfg.task, cfg.max_steps) == (64, 32, "countdown", 5)
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(messages) == 2  # one for the file (every rename listed), one for the override
+    assert "rl.epsilon_low -> epsilon" in messages[0] and "train.max_steps -> max_steps" in messages[1]
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["sampler.gen_length=100"], "sampler.block_length"),
-        (["sampler.steps=100"], "multiple of the number of blocks"),
-        (["rl.num_generations=1"], "rl.num_generations"),
-        (["rl.num_selected_steps=200", "sampler.steps=128"], "rl.num_selected_steps"),
-        (["rl.nonsense=3"], "Unknown config key rl.nonsense"),
-        (["rl.bet=3"], "Did you mean rl.beta"),
-        (["modle.dtype=auto"], "Did you mean model"),
-        (["rl.algorithm=egspo", "rl.stepwise_lambda=0.5"], "plain EGSPO has lambda 0"),
-        (["train.learning_rate=abc"], "train.learning_rate must be a number"),
-        (["rl.algorithm=ppo"], "rl.algorithm='ppo'"),
+        (["max_completion_length=100"], "block_length"),
+        (["diffusion_steps=100"], "multiple of the number of blocks"),
+        (["num_generations=1"], "num_generations=1"),
+        (["num_selected_steps=200", "diffusion_steps=128"], "num_selected_steps=200"),
+        (["nonsense=3"], "Unknown config key 'nonsense'"),
+        (["bet=3"], "Did you mean beta"),
+        (["gen_length=64"], "Did you mean max_completion_length"),
+        (["rl.bet=3"], "Did you mean beta"),
+        (["train.num_selected_steps=4"], "now 'num_selected_steps'"),
+        (["modle.dtype=auto"], "use the flat field name"),
+        (["algorithm=egspo", "stepwise_lambda=0.5"], "plain EGSPO has lambda 0"),
+        (["learning_rate=abc"], "learning_rate must be a number"),
+        (["algorithm=ppo"], "algorithm='ppo'"),
     ],
 )
 def test_bad_settings_name_the_field(overrides, fragment):
-    with pytest.raises(ConfigError, match=None) as info:
-        load_config(None, ["train.per_device_batch_size=8", *overrides])
+    with pytest.raises(ConfigError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_config(None, ["per_device_train_batch_size=8", *overrides])
     assert fragment in str(info.value)
+
+
+def test_errors_say_where_the_value_came_from(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 3\nlearning_rate: fast\n")
+    with pytest.raises(ConfigError, match=rf"learning_rate must be a number.*\({path}:2\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"command-line override 'num_generations=1'"):
+        load_config(None, ["num_generations=1"])
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping of field: value"):
+        load_config(path)
+    path.write_text("rl: 5\n")
+    with pytest.raises(ConfigError, match="Section 'rl'.*must be a mapping"):
+        load_config(path)
+
+
+def test_options_the_algorithm_ignores_are_warned_about():
+    with pytest.warns(UserWarning, match="kl_estimator='exact' has no effect with algorithm='diffu_grpo'"):
+        EGSPOConfig(algorithm="diffu_grpo", kl_estimator="exact")
+    with pytest.warns(UserWarning, match="num_iterations=3 has no effect"):
+        EGSPOConfig(num_iterations=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EGSPOConfig(algorithm="diffu_grpo", num_iterations=3, epsilon=0.5)  # used: no warning
 
 
 def test_eval_sampler_uses_half_length_steps():
@@ -53,12 +110,12 @@ def test_eval_sampler_uses_half_length_steps():
 
 def test_global_batch_checked_against_processes():
     # The global batch (per device x processes) is known only at launch: loading checks nothing about it,
-    # validate(num_processes) (called by the trainer) does. The SPEC §6 shape: 6 per device, G = 8, 8 GPUs.
-    cfg = load_config(None, ["train.per_device_batch_size=6", "rl.num_generations=8"])
+    # validate(num_processes) (called by the trainer) does. The paper's shape: 6 per device, G = 8, 8 GPUs.
+    cfg = load_config(None, ["per_device_train_batch_size=6", "num_generations=8"])
     cfg.validate(num_processes=8)
     cfg.validate(num_processes=4)
     for processes in (1, 2, 3):
-        with pytest.raises(ConfigError, match="rl.num_generations=8") as info:
+        with pytest.raises(ConfigError, match="num_generations=8") as info:
             cfg.validate(num_processes=processes)
         assert "multiple of 4 processes" in str(info.value)
-    load_config(None, ["train.per_device_batch_size=4", "rl.num_generations=4"]).validate(num_processes=2)
+    load_config(None, ["per_device_train_batch_size=4", "num_generations=4"]).validate(num_processes=2)

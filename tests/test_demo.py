@@ -7,8 +7,8 @@ from egspo.cli import main
 
 def test_demo_writes_table_report_and_curve(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "train.max_steps=2", "task.num_eval=8", "task.num_train=50",
-               "train.per_device_batch_size=16", "rl.num_selected_steps=2", "train.save_every=0"])
+    rc = main(["demo", "--out", str(out), "max_steps=2", "num_eval=8", "num_train=50",
+               "per_device_train_batch_size=16", "num_selected_steps=2", "save_steps=0"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "base" in printed and "EGSPO-SA" in printed and "puzzle acc %" in printed

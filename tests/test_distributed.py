@@ -63,9 +63,9 @@ def test_advantages_of_the_same_batch_match_across_launch_sizes(micro_model, pro
     assert [d["rank"] for d in double] == [0, 1] and all(d["num_processes"] == 2 for d in double)
 
     rewards, greedy, weights = fake_batch()
-    cfg = load_config(None, ["rl.num_generations=8", "rl.num_selected_steps=2", "sampler.gen_length=8",
-                             "sampler.block_length=8", "sampler.steps=4"])
-    for name, rl in rl_variants(cfg.rl).items():
+    cfg = load_config(None, ["num_generations=8", "num_selected_steps=2", "max_completion_length=8",
+                             "block_length=8", "diffusion_steps=4"])
+    for name, rl in rl_variants(cfg).items():
         expected = stepwise_advantages(
             rewards, greedy if rl.stepwise_lambda else rewards[:, None].expand_as(weights), 8,
             float(rl.stepwise_lambda), normalize_returns=rl.normalize_returns,
@@ -84,7 +84,7 @@ def test_advantages_of_the_same_batch_match_across_launch_sizes(micro_model, pro
 
 
 def _train(config: Path, out: Path, *extra: str) -> None:
-    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"train.output_dir={out}", *extra])
+    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"output_dir={out}", *extra])
 
 
 @pytest.mark.slow
@@ -111,13 +111,13 @@ def test_two_process_cli_training_logs_once_checkpoints_and_resumes(micro_model,
         p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "trainer_state.json").read_text())["num_processes"] == 2
 
-    _train(config, run, "train.max_steps=3", "--resume")
+    _train(config, run, "max_steps=3", "--resume")
     resumed = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed] == [1, 2, 3]
     assert resumed[:2] == lines
 
     straight = tmp_path / "straight"
-    _train(config, straight, "train.max_steps=3")
+    _train(config, straight, "max_steps=3")
     uninterrupted = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["reward/mean"] for m in uninterrupted] == pytest.approx([m["reward/mean"] for m in resumed])
     a = load_file(str(straight / "checkpoint-3" / "trainable.safetensors"))

@@ -1,4 +1,4 @@
-"""Every shipped YAML recipe loads, validates at its launch size, and keeps the SPEC §6 settings."""
+"""Every shipped YAML recipe loads, validates at its launch size, and keeps the paper's settings (docs/algorithm.md#reference-settings)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from egspo.config import Config, load_config
+from egspo.config import EGSPOConfig, load_config
 from egspo.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +21,11 @@ def _id(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
-def _updates(cfg: Config) -> int:
+def _updates(cfg: EGSPOConfig) -> int:
     """Micro-batches per rollout batch (the trainer requires a multiple of the accumulation)."""
-    if cfg.rl.algorithm == "diffu_grpo":
-        return cfg.rl.num_iterations
-    return cfg.rl.num_selected_steps // cfg.rl.steps_per_microbatch
+    if cfg.algorithm == "diffu_grpo":
+        return cfg.num_iterations * cfg.gradient_accumulation_steps
+    return cfg.num_selected_steps // cfg.steps_per_microbatch
 
 
 def test_recipes_exist():
@@ -40,11 +40,11 @@ def test_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES + PACKAGED, ids=_id)
 def test_recipe_loads_in_one_process(path):
     cfg = load_config(path)  # construction validates everything but the launch size
-    assert _updates(cfg) % cfg.train.gradient_accumulation_steps == 0 or cfg.rl.step_selection == "adaptive"
+    assert _updates(cfg) % cfg.gradient_accumulation_steps == 0 or cfg.step_selection == "adaptive"
     if path not in PAPER:
         cfg.validate(num_processes=1)
-    if cfg.task.train_file is None:  # generator tasks: the options are the generator's
-        rows = get_task(cfg.task.name).load(None, "train", 4, cfg.train.seed, **cfg.task.options)
+    if cfg.train_file is None:  # generator tasks: the options are the generator's
+        rows = get_task(cfg.task).load(None, "train", 4, cfg.seed, **cfg.task_options)
         assert len(rows) == 4
 
 
@@ -52,29 +52,28 @@ def test_recipe_loads_in_one_process(path):
 def test_paper_recipe_matches_spec_on_8_gpus(path):
     cfg = load_config(path)
     cfg.validate(num_processes=8)
-    assert cfg.train.per_device_batch_size * 8 == 48
-    m, s, t = cfg.model, cfg.sampler, cfg.train
+    assert cfg.per_device_train_batch_size * 8 == 48
+    m, s, t = cfg.model_config(), cfg.rollout_sampler(), cfg
     assert (m.lora, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules) == (True, 128, 64, 0.05, None)
     assert m.name_or_path == ("GSAI-ML/LLaDA-8B-Instruct" if path.parent.name == "llada"
                               else "Dream-org/Dream-v0-Instruct-7B")
     assert (s.gen_length, s.block_length, s.steps, s.temperature) == (256, 32, 128, 0.9)
     assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.max_grad_norm) == (0.9, 0.99, 0.1, 0.2)
-    assert (t.gradient_accumulation_steps, t.mixed_precision, t.save_every, t.lr_scheduler) == (2, "bf16", 200,
-                                                                                                "constant")
-    assert cfg.rl.beta == 0.04 and cfg.rl.kl_estimator == "k3"
-    assert cfg.eval.gen_lengths == [128, 256, 512] and cfg.eval.temperature == 0.0 and cfg.eval.steps_ratio == 0.5
-    if cfg.task.name not in ("kodcode", "mbpp"):  # code prompts are longer (see the recipes)
-        assert cfg.task.max_prompt_length == 200
-    if cfg.rl.algorithm == "diffu_grpo":
-        assert t.learning_rate == 3e-6 and cfg.rl.num_generations == 6
-        assert cfg.rl.epsilon_high == 0.5 and cfg.rl.epsilon_low == 0.5
-        assert cfg.rl.num_iterations == (12 if cfg.task.name in ("gsm8k", "math500") else 8)
+    assert (t.gradient_accumulation_steps, t.bf16, t.save_steps, t.lr_scheduler_type) == (2, True, 200, "constant")
+    assert cfg.beta == 0.04 and cfg.kl_estimator == "k3"
+    assert cfg.eval_completion_lengths == [128, 256, 512] and cfg.eval_temperature == 0.0 and cfg.eval_diffusion_steps_ratio == 0.5
+    if cfg.task not in ("kodcode", "mbpp"):  # code prompts are longer (see the recipes)
+        assert cfg.max_prompt_length == 200
+    if cfg.algorithm == "diffu_grpo":
+        assert t.learning_rate == 3e-6 and cfg.num_generations == 6
+        assert cfg.epsilon_high == 0.5 and cfg.epsilon == 0.5
+        assert cfg.num_iterations == (12 if cfg.task in ("gsm8k", "math500") else 8)
     else:
-        assert cfg.rl.algorithm == "egspo_sa" and t.learning_rate == 3e-5 and cfg.rl.num_generations == 8
-        assert (cfg.rl.num_selected_steps, cfg.rl.stepwise_lambda, cfg.rl.normalize_returns) == (8, 0.5, True)
-        assert (cfg.rl.epsilon_low, cfg.rl.epsilon_high) == (0.2, 0.5)
+        assert cfg.algorithm == "egspo_sa" and t.learning_rate == 3e-5 and cfg.num_generations == 8
+        assert (cfg.num_selected_steps, cfg.stepwise_lambda, cfg.normalize_returns) == (8, 0.5, True)
+        assert (cfg.epsilon, cfg.epsilon_high) == (0.2, 0.5)
         expected = path.stem.rsplit("_", 1)[-1] if path.stem.startswith("sudoku_egspo_") else "sa"
-        assert cfg.rl.step_selection == {"sa": "high_entropy", "random": "random", "uniform": "uniform"}[expected]
+        assert cfg.step_selection == {"sa": "high_entropy", "random": "random", "uniform": "uniform"}[expected]
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])

@@ -21,7 +21,7 @@ def replicate(monkeypatch):
 
     class FinishedRun:  # an rl_curve.py that has already exited; exit code 3 for seed 2
         def __init__(self, command, **kwargs):
-            self.returncode = 3 if "train.seed=2" in command else 0
+            self.returncode = 3 if "seed=2" in command else 0
 
         def poll(self):
             return self.returncode
@@ -44,7 +44,7 @@ def test_commands_for_separate_seeds_merge_into_one_runs_file(replicate, monkeyp
 
     runs = json.loads((tmp_path / "sudoku" / "runs.json").read_text())
     assert sorted(r["run"] for r in runs) == ["egspo-s0", "egspo-s1", "egspo_sa-s0", "egspo_sa-s1"]
-    assert all(r["returncode"] == 0 and "train.seed=" + str(r["seed"]) in r["command"] for r in runs)
+    assert all(r["returncode"] == 0 and "seed=" + str(r["seed"]) in r["command"] for r in runs)
 
     commands = [json.loads(line) for line in (tmp_path / "sudoku" / "commands.jsonl").read_text().splitlines()]
     assert [c["seeds"] for c in commands] == [[0], [1], [0]]

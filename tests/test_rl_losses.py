@@ -152,7 +152,7 @@ def test_diffu_grpo_loss_token_mean_matches_scalar_reference():
     ref = _t([[-0.9, -0.5, 0.0], [-2.2, 0.0, 0.0]])
     adv = _t([0.5, -1.0])
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    loss, stats = diffu_grpo_loss(cur, old, ref, adv, mask, eps=0.5, beta=0.04)
+    loss, stats = diffu_grpo_loss(cur, old, ref, adv, mask, eps_low=0.5, eps_high=0.5, beta=0.04)
     terms = [
         _surrogate(0.1, 0.5, 0.5, 0.5) + 0.04 * _k3(-1.0, -0.9),
         _surrogate(-0.3, 0.5, 0.5, 0.5) + 0.04 * _k3(-0.5, -0.5),
@@ -164,7 +164,7 @@ def test_diffu_grpo_loss_token_mean_matches_scalar_reference():
     assert torch.isfinite(cur.grad).all()
     assert cur.grad[0, 2].item() == 0.0 and cur.grad[1, 1].item() == 0.0 and cur.grad[1, 2].item() == 0.0
     # beta = 0 needs no reference
-    loss0, _ = diffu_grpo_loss(cur, old, None, adv, mask, eps=0.5, beta=0.0)
+    loss0, _ = diffu_grpo_loss(cur, old, None, adv, mask, eps_low=0.5, eps_high=0.5, beta=0.0)
     assert loss0.item() == pytest.approx(
         (_surrogate(0.1, 0.5, 0.5, 0.5) + _surrogate(-0.3, 0.5, 0.5, 0.5) + _surrogate(-1.0, -1.0, 0.5, 0.5)) / 3
     )

@@ -1,4 +1,4 @@
-"""The approximate KV-cached rollout (sampler.cache=prefix/dual) and the compiled rollout forward (CPU)."""
+"""The approximate KV-cached rollout (rollout_cache=prefix/dual) and the compiled rollout forward (CPU)."""
 
 from __future__ import annotations
 
@@ -227,11 +227,11 @@ def test_cache_needs_a_native_model(bert_dlm):
 
 
 def test_bad_cache_value_names_the_field():
-    with pytest.raises(ConfigError, match=r"sampler\.cache='full'"):
+    with pytest.raises(ConfigError, match=r"cache='full' is not one of 'none', 'prefix', 'dual'"):
         SamplerConfig(cache="full")
-    with pytest.raises(ConfigError, match=r"sampler\.cache"):
-        load_config(None, ["sampler.cache=exact"])
-    assert load_config(None, ["sampler.cache=dual", "sampler.compile=true"]).sampler.compile is True
+    with pytest.raises(ConfigError, match=r"rollout_cache='exact'"):
+        load_config(None, ["rollout_cache=exact"])
+    assert load_config(None, ["rollout_cache=dual", "compile_rollout=true"]).rollout_sampler().compile is True
 
 
 # -- compiled rollout forward -----------------------------------------------------------------------
@@ -285,13 +285,13 @@ def test_compiled_rollout_through_a_peft_model():
 
 
 def test_trainer_with_dual_cache_recomputes_old_logps_exactly(micro_model, prompts_file, tmp_path):
-    from egspo.rl.trainer import RLTrainer
+    from egspo.rl.trainer import EGSPOTrainer
 
     from .test_trainer import make_config
 
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=2", "sampler.cache=dual",
-                      "sampler.gen_length=16", "sampler.steps=8")
-    trainer = RLTrainer(cfg)
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=2", "rollout_cache=dual",
+                      "max_completion_length=16", "diffusion_steps=8")
+    trainer = EGSPOTrainer(args=cfg)
     recorded: list[torch.Tensor] = []
     original = trainer._exact_old_logps
 
@@ -308,7 +308,7 @@ def test_trainer_with_dual_cache_recomputes_old_logps_exactly(micro_model, promp
         return exact, gap
 
     trainer._exact_old_logps = spy
-    trainer.run()
+    trainer.train()
     assert len(recorded) == 2
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
@@ -318,14 +318,14 @@ def test_trainer_with_dual_cache_recomputes_old_logps_exactly(micro_model, promp
 
 
 def test_exact_trainer_logs_no_gap(micro_model, prompts_file, tmp_path):
-    from egspo.rl.trainer import RLTrainer
+    from egspo.rl.trainer import EGSPOTrainer
 
     from .test_trainer import make_config
 
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1")
-    trainer = RLTrainer(cfg)
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=1")
+    trainer = EGSPOTrainer(args=cfg)
     trainer._exact_old_logps = None  # never called on the exact path
-    trainer.run()
+    trainer.train()
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "approx/old_logp_gap" not in line and "time/old_logps" not in line
 
@@ -336,14 +336,14 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
     off, as in the rollout) from the weights the rollout used, not the sampler's approximate record.
     Two steps: LoRA's B starts at zero, so dropout on the adapter's input only matters after an update."""
     import egspo.rl.trainer as trainer_module
-    from egspo.rl.trainer import RLTrainer
+    from egspo.rl.trainer import EGSPOTrainer
 
     from .test_trainer import make_config
 
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=2", "sampler.cache=prefix",
-                      "sampler.gen_length=16", "sampler.steps=8", "model.lora=true", "model.lora_r=4",
-                      "model.lora_alpha=8", "model.lora_dropout=0.5", "rl.beta=0")
-    trainer = RLTrainer(cfg)
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=2", "rollout_cache=prefix",
+                      "max_completion_length=16", "diffusion_steps=8", "use_peft=true", "lora_r=4",
+                      "lora_alpha=8", "lora_dropout=0.5", "beta=0")
+    trainer = EGSPOTrainer(args=cfg)
     model = trainer.dlm.model
     seen: dict[str, object] = {}
     original_rollout, original_exact = trainer._rollout, trainer._exact_old_logps
@@ -374,7 +374,7 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
 
     trainer._rollout, trainer._exact_old_logps = rollout, exact_old_logps
     monkeypatch.setattr(trainer_module, "egspo_step_loss", loss)
-    trainer.run()
+    trainer.train()
     exact = torch.cat(seen["exact"], dim=1)  # (B, 2K): the slots of step 1, then of step 2
     assert len(olds) == exact.shape[1]
     for k, old in enumerate(olds):
@@ -389,7 +389,7 @@ def test_compiled_rollout_module_follows_the_model_and_never_runs_the_reference(
     import contextlib
     import dataclasses
 
-    from egspo.rl.trainer import RLTrainer
+    from egspo.rl.trainer import EGSPOTrainer
 
     from .test_trainer import make_config
 
@@ -399,9 +399,9 @@ def test_compiled_rollout_module_follows_the_model_and_never_runs_the_reference(
     other.model = dlm.model  # the same field reassigned: recompiled for the new object
     assert other.compiled_model(backend="eager")._orig_mod is dlm.model
 
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1", "sampler.compile=true",
-                      "model.lora=true", "model.lora_r=4", "model.lora_alpha=8", "rl.beta=0.04")
-    trainer = RLTrainer(cfg)
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=1", "compile_rollout=true",
+                      "use_peft=true", "lora_r=4", "lora_alpha=8", "beta=0.04")
+    trainer = EGSPOTrainer(args=cfg)
     runs: list[int] = []
     _eager_compiled(trainer.dlm, runs)
     phases: dict[str, int] = {}
@@ -419,8 +419,8 @@ def test_compiled_rollout_module_follows_the_model_and_never_runs_the_reference(
 
     trainer.dlm.reference_model = contextlib.contextmanager(reference_model)
     trainer._update_egspo = update
-    trainer.run()
-    assert phases["rollout"] >= cfg.sampler.steps, "the rollout ran compiled"
+    trainer.train()
+    assert phases["rollout"] >= cfg.diffusion_steps, "the rollout ran compiled"
     assert phases["reference"] == 0 and len(runs) == phases["rollout"], "nothing else did"
 
 
@@ -428,12 +428,12 @@ def test_trainer_refuses_the_cache_with_a_sharded_model_before_any_rollout(micro
                                                                           monkeypatch):
     from egspo.config import ConfigError
     from egspo.models.adapter import DiffusionLM
-    from egspo.rl.trainer import RLTrainer
+    from egspo.rl.trainer import EGSPOTrainer
 
     from .test_trainer import make_config
 
     monkeypatch.setattr(DiffusionLM, "sharded", property(lambda self: True))
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1", "sampler.cache=prefix",
-                      "sampler.gen_length=16", "sampler.steps=8")
-    with pytest.raises(ConfigError, match="sampler.cache='prefix'.*sharded"):
-        RLTrainer(cfg)
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=1", "rollout_cache=prefix",
+                      "max_completion_length=16", "diffusion_steps=8")
+    with pytest.raises(ConfigError, match="rollout_cache='prefix'.*sharded"):
+        EGSPOTrainer(args=cfg)

@@ -99,7 +99,7 @@ def test_fsdp_lora_trains_saves_a_whole_adapter_and_resumes_exactly(micro_model,
 
     config = _config(tmp_path, micro_model, prompts_file, lora=True)
     run, dump = tmp_path / "run", tmp_path / "dump"
-    _fsdp("--dump", str(dump), "train", "--config", str(config), f"train.output_dir={run}")
+    _fsdp("--dump", str(dump), "train", "--config", str(config), f"output_dir={run}")
     assert [m["step"] for m in _metrics(run)] == [1, 2]
 
     # both ranks hold the same (gathered) model, and every adapter weight trained, the LM head's too
@@ -123,9 +123,9 @@ def test_fsdp_lora_trains_saves_a_whole_adapter_and_resumes_exactly(micro_model,
     assert all(optimizer["state"][n]["exp_avg"].shape == trainable[n].shape for n in trainable), "a sharded state"
 
     # resume to step 3 = 3 steps straight
-    _fsdp("train", "--config", str(config), f"train.output_dir={run}", "train.max_steps=3", "--resume")
+    _fsdp("train", "--config", str(config), f"output_dir={run}", "max_steps=3", "--resume")
     straight = tmp_path / "straight"
-    _fsdp("train", "--config", str(config), f"train.output_dir={straight}", "train.max_steps=3")
+    _fsdp("train", "--config", str(config), f"output_dir={straight}", "max_steps=3")
     resumed, uninterrupted = _metrics(run), _metrics(straight)
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for key in ("reward/mean", "loss", "kl", "grad_norm"):
@@ -143,8 +143,8 @@ def test_fsdp_full_fine_tuning_matches_ddp_and_saves_a_whole_model(micro_model, 
 
     config = _config(tmp_path, micro_model, prompts_file, lora=False)  # with the KL reference copy (beta > 0)
     fsdp_run, ddp_run = tmp_path / "fsdp", tmp_path / "ddp"
-    _fsdp("train", "--config", str(config), f"train.output_dir={fsdp_run}")
-    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"train.output_dir={ddp_run}"])
+    _fsdp("train", "--config", str(config), f"output_dir={fsdp_run}")
+    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"output_dir={ddp_run}"])
 
     # the same rollouts, losses and (sharded vs. replicated) gradient norms, and the same weights
     fsdp_metrics, ddp_metrics = _metrics(fsdp_run), _metrics(ddp_run)
@@ -170,7 +170,7 @@ def test_fsdp_sft_runs_and_saves_an_adapter(micro_model, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"say {i}", "completion": str(i) * 3}) + "\n" for i in range(16)))
     config = _config(tmp_path, micro_model, data, lora=True)
     run = tmp_path / "sft"
-    _fsdp("sft", "--config", str(config), f"train.output_dir={run}")
+    _fsdp("sft", "--config", str(config), f"output_dir={run}")
     losses = [m["loss"] for m in _metrics(run)]
     assert len(losses) == 2 and losses[1] < losses[0]
     trainable = load_file(str(run / "checkpoint-2" / "trainable.safetensors"))
@@ -191,17 +191,17 @@ def test_deepspeed_lora_trains_like_ddp_and_resumes_exactly(micro_model, prompts
         launch(2, ["tests/sharded_driver.py", *args], env=env, timeout=180)
 
     run, straight, ddp = tmp_path / "run", tmp_path / "straight", tmp_path / "ddp"
-    deepspeed("train", "--config", str(config), f"train.output_dir={run}")
+    deepspeed("train", "--config", str(config), f"output_dir={run}")
     ckpt = run / "checkpoint-2"
     assert (ckpt / "deepspeed" / "state").is_dir() and (ckpt / "adapter" / "adapter_model.safetensors").exists()
-    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"train.output_dir={ddp}"])
+    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"output_dir={ddp}"])
     for key in ("reward/mean", "loss", "kl", "grad_norm"):
         assert [m[key] for m in _metrics(run)] == pytest.approx([m[key] for m in _metrics(ddp)], rel=1e-4, abs=1e-6), key
     _assert_same(load_file(str(ckpt / "trainable.safetensors")),
                  load_file(str(ddp / "checkpoint-2" / "trainable.safetensors")), rtol=1e-4, atol=1e-4)  # steps: 1e-2
 
-    deepspeed("train", "--config", str(config), f"train.output_dir={run}", "train.max_steps=3", "--resume")
-    deepspeed("train", "--config", str(config), f"train.output_dir={straight}", "train.max_steps=3")
+    deepspeed("train", "--config", str(config), f"output_dir={run}", "max_steps=3", "--resume")
+    deepspeed("train", "--config", str(config), f"output_dir={straight}", "max_steps=3")
     for key in ("reward/mean", "loss", "kl", "grad_norm"):
         assert [m[key] for m in _metrics(run)] == pytest.approx([m[key] for m in _metrics(straight)], rel=1e-4,
                                                                 abs=1e-7), key
@@ -227,8 +227,8 @@ def test_deepspeed_zero3_full_fine_tuning_with_kl_matches_ddp_and_keeps_the_init
     assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
     run, ddp, dump = tmp_path / "zero3", tmp_path / "ddp", tmp_path / "reference"
     launch(2, ["tests/sharded_driver.py", "--dump-reference", str(dump), "train", "--config", str(config),
-               f"train.output_dir={run}"], env=env, timeout=180)
-    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"train.output_dir={ddp}"])
+               f"output_dir={run}"], env=env, timeout=180)
+    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"output_dir={ddp}"])
 
     # the same rollouts, losses, KL (the reference's log-probs enter it) and weights as DDP's plain copy
     zero3_metrics, ddp_metrics = _metrics(run), _metrics(ddp)

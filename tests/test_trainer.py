@@ -11,41 +11,41 @@ from safetensors.torch import load_file
 
 from egspo.config import ConfigError, load_config
 from egspo.rl.rewards import RewardError
-from egspo.rl.trainer import RLTrainer
+from egspo.rl.trainer import EGSPOTrainer
 
 
 
 def make_config(model: Path, data: Path, out: Path, *extra: str):
     return load_config(None, [
-        f"model.name_or_path={model}", "model.lora=false",
-        "sampler.gen_length=8", "sampler.block_length=8", "sampler.steps=4", "sampler.temperature=1.0",
-        "rl.num_generations=4", "rl.num_selected_steps=2", "rl.num_iterations=2",
-        "task.name=custom", f"task.train_file={data}", "task.extra_reward_funcs=[tests.reward_fns:count_sevens]",
-        f"train.output_dir={out}", "train.per_device_batch_size=8", "train.gradient_accumulation_steps=2",
-        "train.learning_rate=0.01", "train.max_grad_norm=1.0", "train.max_steps=12", "train.save_every=0",
+        f"model_name_or_path={model}", "use_peft=false",
+        "max_completion_length=8", "block_length=8", "diffusion_steps=4", "temperature=1.0",
+        "num_generations=4", "num_selected_steps=2", "num_iterations=2",
+        "task=custom", f"train_file={data}", "reward_funcs=[tests.reward_fns:count_sevens]",
+        f"output_dir={out}", "per_device_train_batch_size=8", "gradient_accumulation_steps=2",
+        "learning_rate=0.01", "max_grad_norm=1.0", "max_steps=12", "save_steps=0",
         *extra,
     ])
 
 
-def _sevens(trainer: RLTrainer, n: int = 64) -> float:
+def _sevens(trainer: EGSPOTrainer, n: int = 64) -> float:
     """Mean reward of n fresh temperature-1 rollouts of the trainer's current policy."""
     from egspo.sampling import sample
 
-    ids = torch.tensor([trainer.tokenizer("say 1")["input_ids"]] * n)
-    traj = sample(trainer.dlm, ids, trainer.cfg.sampler, generator=torch.Generator().manual_seed(123))
-    texts = trainer.tokenizer.batch_decode(traj.completions, skip_special_tokens=True)
+    ids = torch.tensor([trainer.processing_class("say 1")["input_ids"]] * n)
+    traj = sample(trainer.dlm, ids, trainer.args.rollout_sampler(), generator=torch.Generator().manual_seed(123))
+    texts = trainer.processing_class.batch_decode(traj.completions, skip_special_tokens=True)
     return sum(min(1.0, t.count("7") / 8) for t in texts) / n
 
 
 @pytest.mark.parametrize("algorithm", ["egspo_sa", "diffu_grpo"])
 def test_training_raises_a_learnable_reward(micro_model, prompts_file, tmp_path, algorithm):
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", f"rl.algorithm={algorithm}", "train.max_steps=30",
-                      "train.learning_rate=0.003")
-    trainer = RLTrainer(cfg)
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", f"algorithm={algorithm}", "max_steps=30",
+                      "learning_rate=0.003")
+    trainer = EGSPOTrainer(args=cfg)
     before = _sevens(trainer)
     reference = {k: v.clone() for k, v in trainer.dlm.reference.state_dict().items()}
     initial = {k: v.clone() for k, v in trainer.dlm.core.state_dict().items()}
-    trainer.run()
+    trainer.train()
     after = _sevens(trainer)
     assert after > max(before + 0.2, 2 * before), (before, after)
     changed = [k for k, v in trainer.dlm.core.state_dict().items() if not torch.equal(v, initial[k])]
@@ -60,11 +60,11 @@ def test_training_raises_a_learnable_reward(micro_model, prompts_file, tmp_path,
 
 
 def test_lora_reference_is_the_adapter_free_model(micro_model, prompts_file, tmp_path):
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "model.lora=true", "model.lora_r=4",
-                      "model.lora_alpha=8", "train.max_steps=2")
-    trainer = RLTrainer(cfg)
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "use_peft=true", "lora_r=4",
+                      "lora_alpha=8", "max_steps=2")
+    trainer = EGSPOTrainer(args=cfg)
     base = {k: v.clone() for k, v in trainer.dlm.core.state_dict().items() if "lora_" not in k}
-    trainer.run()
+    trainer.train()
     after = trainer.dlm.core.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base.items()), "base weights stay frozen under LoRA"
     saved = load_file(str(tmp_path / "run" / "checkpoint-2" / "trainable.safetensors"))
@@ -73,25 +73,27 @@ def test_lora_reference_is_the_adapter_free_model(micro_model, prompts_file, tmp
 
 
 def test_resume_matches_uninterrupted_run(micro_model, prompts_file, tmp_path):
-    straight = make_config(micro_model, prompts_file, tmp_path / "a", "train.max_steps=4", "model.lora=true",
-                           "model.lora_r=4", "model.lora_alpha=8")
-    RLTrainer(straight).run()
-    first = make_config(micro_model, prompts_file, tmp_path / "b", "train.max_steps=4", "train.save_every=2",
-                        "model.lora=true", "model.lora_r=4", "model.lora_alpha=8")
-    interrupted = RLTrainer(first)
+    straight = make_config(micro_model, prompts_file, tmp_path / "a", "max_steps=4", "use_peft=true",
+                           "lora_r=4", "lora_alpha=8")
+    EGSPOTrainer(args=straight).train()
+    first = make_config(micro_model, prompts_file, tmp_path / "b", "max_steps=4", "save_steps=2",
+                        "use_peft=true", "lora_r=4", "lora_alpha=8")
+    interrupted = EGSPOTrainer(args=first)
 
     class Killed(Exception):
         pass
 
-    def kill_after_checkpoint(step: int, metrics: dict) -> None:
-        if step == 3:  # dies mid-way between the checkpoint at 2 and the end
-            raise Killed
+    class KillAfterCheckpoint:
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # dies mid-way between the checkpoint at 2 and the end
+                raise Killed
 
+    interrupted.callbacks.callbacks.append(KillAfterCheckpoint())
     with pytest.raises(Killed):
-        interrupted.run(on_step=kill_after_checkpoint)
+        interrupted.train()
     with pytest.raises(ConfigError, match="--resume"):
-        RLTrainer(first)  # a new run over old checkpoints is refused
-    RLTrainer(first, resume=True).run()
+        EGSPOTrainer(args=first).train()  # a new run over old checkpoints is refused
+    EGSPOTrainer(args=first).train(resume_from_checkpoint=True)
     a = load_file(str(tmp_path / "a" / "checkpoint-4" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoint-4" / "trainable.safetensors"))
     assert a.keys() == b.keys()
@@ -104,27 +106,27 @@ def test_resume_matches_uninterrupted_run(micro_model, prompts_file, tmp_path):
 
 
 def test_bad_inputs_fail_early(micro_model, prompts_file, tmp_path):
-    with pytest.raises(ConfigError, match="rl.num_generations"):
-        RLTrainer(make_config(micro_model, prompts_file, tmp_path / "r0", "train.per_device_batch_size=6"))
+    with pytest.raises(ConfigError, match="num_generations=4"):
+        EGSPOTrainer(args=make_config(micro_model, prompts_file, tmp_path / "r0", "per_device_train_batch_size=6"))
     cfg = make_config(micro_model, prompts_file, tmp_path / "r",
-                      "task.extra_reward_funcs=[tests.reward_fns:broken]", "train.max_steps=1")
+                      "reward_funcs=[tests.reward_fns:broken]", "max_steps=1")
     with pytest.raises(RewardError, match="broken"):
-        RLTrainer(cfg).run()
+        EGSPOTrainer(args=cfg).train()
     assert not list((tmp_path / "r").glob("checkpoint-*")), "no checkpoint after a failed first step"
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match="not writable"):
-        RLTrainer(make_config(micro_model, prompts_file, blocker / "run"))
+        EGSPOTrainer(args=make_config(micro_model, prompts_file, blocker / "run"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
     with pytest.raises(Exception, match="line 2"):
-        RLTrainer(make_config(micro_model, bad, tmp_path / "r2"))
+        EGSPOTrainer(args=make_config(micro_model, bad, tmp_path / "r2"))
 
 
 def test_missing_rewards_are_excluded_and_counted(micro_model, prompts_file, tmp_path):
-    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "train.max_steps=1",
-                      "task.extra_reward_funcs=[tests.reward_fns:count_sevens,tests.reward_fns:sometimes_none]",
-                      "rl.algorithm=egspo")
-    trainer = RLTrainer(cfg)
-    trainer.run()
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=1",
+                      "reward_funcs=[tests.reward_fns:count_sevens,tests.reward_fns:sometimes_none]",
+                      "algorithm=egspo")
+    trainer = EGSPOTrainer(args=cfg)
+    trainer.train()
     assert trainer.scorer.missing == {"sometimes_none": 1}

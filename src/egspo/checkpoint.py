@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from egspo.config import Config, ConfigError, save_config
+from egspo.config import ConfigError, EGSPOConfig, save_config
 from egspo.models.adapter import strip_parallel, weights_sharded
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def check_fresh_or_resume(run_dir: str | Path, resume: bool) -> None:
     existing = latest_checkpoint(run_dir)
     if existing is not None and not resume:
         raise ConfigError(
-            f"train.output_dir={str(run_dir)!r} already holds checkpoints (latest: {existing.name}): pass --resume "
-            "to continue that run, or choose another train.output_dir."
+            f"output_dir={str(run_dir)!r} already holds checkpoints (latest: {existing.name}): pass --resume "
+            "(resume_from_checkpoint=True) to continue that run, or choose another output_dir."
         )
 
 
@@ -147,16 +147,18 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    config: Config,
+    config: EGSPOConfig,
     trainer_state: dict[str, Any],
     process_index: int = 0,
     num_processes: int = 1,
     wait: Any = None,
     keep_last: int | None = None,
     tokenizer: Any = None,
+    protect: Path | None = None,
 ) -> Path:
     """Write ``checkpoint-{step}`` atomically. Every process calls it (each saves its RNG state).
 
+    ``keep_last`` prunes older checkpoints, never ``protect`` (the best one of ``load_best_model_at_end``).
     ``wait`` is a barrier callable (``accelerator.wait_for_everyone``) for multi-process runs.
     """
     run_dir = Path(run_dir)
@@ -208,7 +210,8 @@ def save_checkpoint(
         logger.info("Saved checkpoint %s", final)
         if keep_last:
             for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if protect is None or old.resolve() != Path(protect).resolve():
+                    shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

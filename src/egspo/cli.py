@@ -1,10 +1,10 @@
 """The ``egspo`` command line: thin wrappers that parse arguments, call the library and report.
 
-    egspo demo [--out DIR] [section.field=value ...]   the built-in default job (CPU, minutes)
-    egspo config [--config FILE] [section.field=value ...]   print the resolved configuration
+    egspo demo [--out DIR] [field=value ...]   the built-in default job (CPU, minutes)
+    egspo config [--config FILE] [--help-fields] [field=value ...]   print the resolved configuration
     egspo new-model --preset tiny --out DIR [--seed N]   write a random-init model + tokenizer
-    egspo train --config FILE [--resume] [section.field=value ...]   RL fine-tuning
-    egspo sft --config FILE [--resume] [section.field=value ...]     masked-diffusion SFT
+    egspo train --config FILE [--resume] [field=value ...]   RL fine-tuning (EGSPOTrainer)
+    egspo sft --config FILE [--resume] [field=value ...]     masked-diffusion SFT
     egspo eval --model M [--adapter DIR | --checkpoints RUN] --task T [--gen-lengths 128,256,512]   evaluation
     egspo score --task T --input FILE.jsonl [--output FILE.jsonl]   score finished completions
 """
@@ -12,18 +12,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 import yaml
 
-from egspo.config import ConfigError, load_config
+from egspo.config import ConfigError, EGSPOConfig, field_help, load_config
 
 logger = logging.getLogger("egspo")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.help_fields:
+        for f in dataclasses.fields(EGSPOConfig):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            sys.stdout.write(f"{f.name} (default {default!r}): {field_help(f.name)}\n")
+        return 0
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
@@ -33,13 +40,15 @@ def _cmd_training(args: argparse.Namespace) -> int:
     """`egspo train` and `egspo sft`: the same run life cycle around a different loop."""
     from egspo.rl.distributed import leave_gloo_group
 
-    if args.command == "train":
-        from egspo.rl.trainer import train as run
-    else:
-        from egspo.sft import sft as run
-
     cfg = load_config(args.config, args.overrides)
-    run_dir = run(cfg, resume=args.resume)
+    if args.command == "train":
+        from egspo.rl.trainer import EGSPOTrainer
+
+        run_dir = EGSPOTrainer(args=cfg).train(resume_from_checkpoint=args.resume or None).run_dir
+    else:
+        from egspo.sft import sft
+
+        run_dir = sft(cfg, resume=args.resume)
     logger.info("Run directory: %s", run_dir)
     leave_gloo_group()
     return 0
@@ -49,7 +58,7 @@ def _cmd_new_model(args: argparse.Namespace) -> int:
     from egspo.models.tiny import new_model
 
     out = new_model(args.out, preset=args.preset, seed=args.seed)
-    logger.info("Load it with model.name_or_path=%s", out)
+    logger.info("Load it with model_name_or_path=%s", out)
     return 0
 
 
@@ -69,27 +78,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from egspo.evaluate import evaluate, format_table, process_state
 
-    cfg = load_config(args.config, args.overrides)
+    config = args.config
+    if config is None and args.checkpoints and (Path(args.checkpoints) / "config.yaml").is_file():
+        config = str(Path(args.checkpoints) / "config.yaml")  # the run's own settings
+    cfg = load_config(config, args.overrides)
     flags = {"gen_lengths": args.gen_lengths, "block_length": args.block_length, "steps_ratio": args.steps_ratio,
              "batch_size": args.batch_size, "limit": args.limit}
-    eval_cfg = dataclasses.replace(cfg.eval, **{k: v for k, v in flags.items() if v is not None})
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=args.model) if args.model else cfg.model
+    eval_cfg = dataclasses.replace(cfg.eval_config(), **{k: v for k, v in flags.items() if v is not None})
+    model_cfg = cfg.model_config(args.model)
     output = args.output or (str(Path(args.checkpoints) / "eval") if args.checkpoints else "evals")
-    task = args.task or cfg.task.name
+    task = args.task or cfg.task
     # the config's data file and task options belong to its own task only
-    same_task = task == cfg.task.name
+    same_task = task == cfg.task
+    logger.info("Evaluating %s with %s: lengths %s, block %d, steps ratio %g, temperature %g", task,
+                f"the settings of {config}" if config else "the default settings", eval_cfg.gen_lengths,
+                eval_cfg.block_length, eval_cfg.steps_ratio, eval_cfg.temperature)
     summary = evaluate(
         model_cfg, task, eval_cfg=eval_cfg, output_dir=output,
         adapter=args.adapter, checkpoints=args.checkpoints,
-        data=args.data or (cfg.task.eval_file if same_task else None),
-        num_eval=args.num_eval or cfg.task.num_eval, seed=cfg.train.seed if args.seed is None else args.seed,
-        task_options=cfg.task.options if same_task else None,
+        data=args.data or (cfg.eval_file if same_task else None),
+        num_eval=args.num_eval or cfg.num_eval, seed=cfg.seed if args.seed is None else args.seed,
+        task_options=cfg.task_options if same_task else None,
     )
     if process_state().is_main_process:
-        sys.stdout.write(f"{summary['task']} accuracy (%)\n{format_table(summary)}\n")
+        for metric in _table_metrics(summary):
+            sys.stdout.write(f"{summary['task']} {metric} (%)\n{format_table(summary, metric)}\n")
         logger.info("Generations, metrics and summary.json in %s%s", output,
                     f"; plot {summary['plot']}" if summary["plot"] else "")
     return 0
+
+
+def _table_metrics(summary: dict) -> list[str]:
+    """The task's metrics that every result has (accuracy first), as percentages."""
+    results = [m for per_length in summary["results"].values() for m in per_length.values()]
+    skip = {"n", "step", "gen_length", "seconds", "generated", "reused"}
+    common = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k not in skip
+              and all(k in r for r in results)] if results else []
+    return sorted(common, key=lambda k: (k != "accuracy", k))
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -119,10 +144,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (sections: model, sampler, rl, task, train, eval).")
+    parser.add_argument("--config", help="YAML config file of EGSPOConfig fields (`egspo config --help-fields` lists "
+                        "them; the sectioned files of egspo 0.1 still load, with a warning).")
     parser.add_argument(
-        "overrides", nargs="*", metavar="section.field=value",
-        help="Overrides applied after the file, e.g. rl.beta=0.0 train.max_steps=10.",
+        "overrides", nargs="*", metavar="field=value",
+        help="Overrides applied after the file, e.g. beta=0.0 max_steps=10 (values are YAML).",
     )
 
 
@@ -131,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="egspo",
         description="RL fine-tuning of diffusion language models: EGSPO-SA and diffu-GRPO.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging and third-party warnings.")
+    parser.add_argument("--debug", action="store_true", help="Show a traceback for user errors too.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -140,36 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
         "table, a training curve (PNG) and report.md into the run directory.",
     )
     p.add_argument("--out", default=None, help="Run directory (default: runs/demo, or runs/demo-N if taken).")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value",
-                   help="Overrides of the packaged demo config, e.g. train.max_steps=20.")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="Overrides of the packaged demo config, e.g. max_steps=20.")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("config", help="Print the resolved configuration (defaults + file + overrides).")
     _add_config_args(p)
+    p.add_argument("--help-fields", action="store_true", help="List every config field with its default and help.")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser(
         "train", help="RL fine-tuning (EGSPO-SA, EGSPO or diffu-GRPO); run under `accelerate launch` for several GPUs.",
         description="RL fine-tuning of a diffusion LM. Checkpoints, metrics.jsonl and the resolved config.yaml "
-        "go to train.output_dir; SIGTERM/Ctrl-C saves a checkpoint and exits; --resume continues exactly.",
+        "go to output_dir, then report.md and training_curve.png. SIGTERM/Ctrl-C saves a checkpoint and exits with "
+        "status 130 (143 for SIGTERM); a second Ctrl-C stops at once; --resume continues exactly.",
     )
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in train.output_dir.")
+    p.add_argument("--resume", action="store_true", help="Continue from the newest intact checkpoint in output_dir.")
     p.set_defaults(func=_cmd_training)
 
     p = sub.add_parser(
         "sft", help="Masked-diffusion SFT on a task's reference completions or a prompt/completion jsonl.",
-        description="Completion-only masked-diffusion SFT (LLaDA/d1 recipe). Uses the model, sampler (gen_length "
-        "= padded completion length), task and train sections of the config; same checkpoints and --resume.",
+        description="Completion-only masked-diffusion SFT (LLaDA/d1 recipe). Uses the model, data and training fields "
+        "of the config (max_completion_length = padded completion length); same checkpoints and --resume.",
     )
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in train.output_dir.")
+    p.add_argument("--resume", action="store_true", help="Continue from the newest intact checkpoint in output_dir.")
     p.set_defaults(func=_cmd_training)
 
     p = sub.add_parser(
         "new-model", help="Write a random-init LLaDA-architecture model and its character tokenizer to a directory.",
         description="Presets: tiny (~3.4M parameters, CPU) and small (~27M, GPU). The directory loads with "
-        "model.name_or_path=DIR or AutoModel/AutoTokenizer.from_pretrained(DIR) after `import egspo`.",
+        "model_name_or_path=DIR or AutoModel/AutoTokenizer.from_pretrained(DIR) after `import egspo`.",
     )
     p.add_argument("--preset", default="tiny", choices=("tiny", "small"), help="Model size (default: tiny).")
     p.add_argument("--out", required=True, help="Output directory (created; existing files are overwritten).")
@@ -179,26 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="Generate and score a task at several completion lengths: a model, an adapter or every "
         "checkpoint of a run; resumable; run under `accelerate launch` to spread items over processes.",
-        description="Evaluation with SPEC 6 settings (temperature 0, steps = gen_length * steps ratio, block 32). "
+        description="Evaluation with the papers' settings (temperature 0, steps = gen_length * steps ratio, block 32), "
+        "or those of the run's config.yaml with --checkpoints RUN (or of --config). "
         "Writes OUTPUT/{variant}/{task}_{L}.generations.jsonl and .metrics.json, OUTPUT/summary.json and, for "
         "several variants, OUTPUT/{task}_accuracy.png. Rerunning skips items already generated. Flags override "
-        "the eval section of --config.",
+        "the eval_* fields of the config.",
     )
-    p.add_argument("--model", help="Base model: directory, hub name or builtin:NAME (default: model.name_or_path).")
+    p.add_argument("--model", help="Base model: directory, hub name or builtin:NAME (default: model_name_or_path).")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--adapter", help="Evaluate the base model with this peft adapter (or checkpoint) directory.")
     weights.add_argument("--checkpoints", metavar="RUN_DIR",
                          help="Evaluate the base model, then every checkpoint-N of this run directory.")
-    p.add_argument("--task", help="Task name (default: task.name).")
-    p.add_argument("--data", help="Test data file or hub dataset (default: task.eval_file, else the task's generator).")
+    p.add_argument("--task", help="Task name (default: the config's task).")
+    p.add_argument("--data", help="Test data file, hub dataset or builtin:NAME (default: eval_file, else the task's "
+                   "generator).")
     p.add_argument("--gen-lengths", type=_gen_lengths, help="Comma-separated completion lengths (default 128,256,512).")
     p.add_argument("--block-length", type=int, help="Sampler block length (default: 32).")
     p.add_argument("--steps-ratio", type=float, help="Denoising steps per completion token (default: 0.5).")
     p.add_argument("--batch-size", type=int, help="Prompts per generation batch per process (default: 16).")
     p.add_argument("--limit", type=int, help="Evaluate only the first N items.")
-    p.add_argument("--num-eval", type=int, help="Items drawn from a task generator (default: task.num_eval).")
+    p.add_argument("--num-eval", type=int, help="Items drawn from a task generator (default: num_eval).")
     p.add_argument("--output", help="Output directory (default: RUN_DIR/eval with --checkpoints, else ./evals).")
-    p.add_argument("--seed", type=int, help="Seed of generated test items (default: train.seed).")
+    p.add_argument("--seed", type=int, help="Seed of generated test items (default: the config's seed).")
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -226,12 +257,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.captureWarnings(True)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ConfigError as exc:
-        logger.error("Configuration error: %s", exc)
+    except KeyboardInterrupt as exc:
+        from egspo.rl.trainer import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            logger.warning("Interrupted at step %d; checkpoint saved. Resume with the same command and --resume.",
+                           exc.step)
+            return 128 + exc.signum
+        logger.warning("Interrupted.")
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        if not _is_user_error(exc) or args.debug:
+            raise
+        logger.error("%s", exc)
         return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Mistakes a user can fix from the message (config, data, reward functions, models, paths)."""
+    from egspo.rl.rewards import RewardError
+    from egspo.tasks.data import DataError
+
+    return isinstance(exc, (ConfigError, DataError, RewardError, FileNotFoundError))
 
 
 if __name__ == "__main__":

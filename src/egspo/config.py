@@ -1,25 +1,39 @@
-"""Typed run configuration: dataclasses, YAML loading, ``section.field=value`` overrides, validation.
+"""Run configuration: one flat, TRL-named dataclass (:class:`EGSPOConfig`), YAML loading and overrides.
 
-A :class:`Config` is the single source of truth of a run. Every field carries its help text in
-``metadata["help"]``; each section's ``__post_init__`` rejects inconsistent settings with a sentence
-that names the field and says what to change, and :meth:`Config.validate` checks the rules that span
-sections. Unknown keys are errors.
+    from egspo import EGSPOConfig
+    args = EGSPOConfig(output_dir="runs/x", max_steps=10, num_generations=8, learning_rate=3e-5)
+    args = load_config("configs/llada/gsm8k_egspo_sa.yaml", ["beta=0.0", "max_steps=10"])
+    save_config(args, run_dir / "config.yaml")
 
-    cfg = load_config("configs/tiny_sudoku.yaml", ["rl.beta=0.0", "train.max_steps=10"])
-    save_config(cfg, run_dir / "config.yaml")
+Where a field means what a field of TRL's ``GRPOConfig`` means it has TRL's name (``output_dir``,
+``per_device_train_batch_size``, ``num_generations``, ``max_completion_length``, ``beta``, ``epsilon``,
+``epsilon_high``, ``save_steps``, ...); diffusion fields keep d1's names (``block_length``,
+``diffusion_steps``, ``p_mask_prompt``, ``remasking``); EGSPO's own fields are named for what they mean.
+Every field carries its help text in ``metadata["help"]``; ``__post_init__`` rejects inconsistent
+settings with a sentence naming the field, and warns about options the chosen algorithm does not use.
+
+YAML files are flat (``beta: 0.04``). The sectioned files of egspo 0.1 (``rl: {beta: 0.04}``) and
+``section.field=value`` overrides still load, with a deprecation warning naming each new field.
+
+Three small parameter objects serve the components that do not need a whole run's settings:
+:class:`ModelConfig` (loading, LoRA), :class:`SamplerConfig` (the block sampler) and :class:`EvalConfig`
+(evaluation generation); a run derives them with :meth:`EGSPOConfig.model_config`,
+:meth:`EGSPOConfig.rollout_sampler` and :meth:`EGSPOConfig.eval_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -30,111 +44,123 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent; the message says which and why."""
 
 
-def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with help text (mutable defaults go through ``default_factory``)."""
+def _f(default: Any, help: str, legacy: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with help text (mutable defaults go through ``default_factory``); ``legacy`` is
+    its ``section.field`` name in egspo 0.1 configs."""
+    metadata = {"help": help, **({"legacy": legacy} if legacy else {})}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
-def _choice(section: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+def _literal_choices(cls: type, name: str) -> tuple[Any, ...]:
+    tp, _ = _unwrap_optional(typing.get_type_hints(cls)[name])
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
-def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+def _check_choices(obj: Any) -> None:
+    """Every ``Literal``-typed field of a config dataclass holds one of its choices."""
+    for f in dataclasses.fields(obj):
+        choices = _literal_choices(type(obj), f.name)
+        value = getattr(obj, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{name}={value!r} must be {bound}.")
+        raise ConfigError(f"{name}={value!r} must be {bound}.")
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+RolloutCache = Literal["none", "prefix", "dual"]
+Remasking = Literal["low_confidence", "random"]
+Algorithm = Literal["egspo_sa", "egspo", "diffu_grpo"]
+StepSelection = Literal["high_entropy", "random", "uniform", "adaptive"]
+
+#: Rollout KV-cache modes: ``none`` is exact; ``prefix`` and ``dual`` are approximate (Fast-dLLM).
+ROLLOUT_CACHES: tuple[str, ...] = typing.get_args(RolloutCache)
+ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+STEP_SELECTIONS: tuple[str, ...] = typing.get_args(StepSelection)
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml", "aim", "dvclive", "swanlab", "all")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Component parameters
 
 
 @dataclass
 class ModelConfig:
-    """Which model to load and how to adapt it."""
+    """Which model to load and how to adapt it (the loader's and LoRA wiring's parameters)."""
 
-    name_or_path: str = _f(
-        "builtin:sudoku-tiny",
-        "Local directory or hub name of a diffusion LM; 'builtin:sudoku-tiny' is the small Sudoku base "
-        "model shipped with egspo, 'builtin:tiny' a random-init tiny model.",
-    )
-    dtype: str = _f("auto", "Weights dtype: auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16.")
-    trust_remote_code: bool = _f(
-        False, "Load the checkpoint's own modeling code (only for architectures egspo does not ship)."
-    )
-    lora: bool = _f(True, "Train a LoRA adapter (reference policy = adapter disabled); false = full fine-tuning.")
-    lora_r: int = _f(128, "LoRA rank.")
-    lora_alpha: int = _f(64, "LoRA alpha.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
-    lora_target_modules: list[str] | None = _f(
-        None, "Linear layers to adapt; default: all linear layers of the architecture (LLaDA/Dream names)."
-    )
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    name_or_path: str = "builtin:sudoku-tiny"
+    dtype: Dtype = "auto"
+    trust_remote_code: bool = False
+    lora: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
-            raise ConfigError("model.name_or_path is empty: give a local directory or a hub model name.")
-        _choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _positive("model", "lora_r", self.lora_r)
-        _positive("model", "lora_alpha", self.lora_alpha)
+            raise ConfigError("model_name_or_path is empty: give a local directory or a hub model name.")
+        _check_choices(self)
+        _positive("lora_r", self.lora_r)
+        _positive("lora_alpha", self.lora_alpha)
         if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"model.lora_dropout={self.lora_dropout} must be in [0, 1).")
+            raise ConfigError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
 
 
-#: Rollout KV-cache modes: ``none`` is exact; ``prefix`` and ``dual`` are approximate (Fast-dLLM).
-ROLLOUT_CACHES = ("none", "prefix", "dual")
+def check_sampler_settings(gen_length: int, block_length: int, steps: int, temperature: float,
+                           names: tuple[str, str, str, str] = ("gen_length", "block_length", "steps", "temperature")
+                           ) -> None:
+    """The block sampler's rules, with the caller's names for the four settings in the messages."""
+    gen, block, steps_name, temp = names
+    _positive(gen, gen_length)
+    _positive(block, block_length)
+    _positive(steps_name, steps)
+    _positive(temp, temperature, allow_zero=True)
+    if gen_length % block_length:
+        raise ConfigError(
+            f"{gen}={gen_length} is not a multiple of {block}={block_length}: choose a block length that "
+            "divides the completion length."
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ConfigError(
+            f"{steps_name}={steps} is not a multiple of the number of blocks ({num_blocks} = {gen}/{block}): "
+            f"choose a step count divisible by {num_blocks}."
+        )
+    if steps > gen_length:
+        raise ConfigError(
+            f"{steps_name}={steps} exceeds {gen}={gen_length}: every step must commit at least one token, so use "
+            f"at most {gen_length} steps."
+        )
 
 
 @dataclass
 class SamplerConfig:
-    """The block low-confidence sampler of SPEC §1 (used for rollouts)."""
+    """The block low-confidence sampler (docs/algorithm.md#the-diffusion-mdp-and-the-block-sampler)."""
 
-    gen_length: int = _f(256, "Completion length L_c in tokens.")
-    block_length: int = _f(32, "Semi-autoregressive block length; gen_length must be a multiple of it.")
-    steps: int = _f(128, "Denoising steps T over the whole completion; a multiple of the number of blocks.")
-    temperature: float = _f(0.9, "Sampling temperature for candidate tokens (0 = greedy argmax).")
-    remasking: str = _f("low_confidence", "Which masked positions to commit: low_confidence or random.")
-    stop_at_eos: bool = _f(
-        False,
-        "Stop decoding further blocks of rows whose completion has ended (remaining positions are "
-        "committed as the end token in the next block's steps).",
-    )
-    cache: str = _f(
-        "none",
-        "Rollout KV cache: none (exact, the default), or prefix / dual, which are APPROXIMATE (Fast-dLLM "
-        "style): one full forward per block caches every layer's keys/values, and the block's other steps "
-        "run only [block start, end) (prefix) or only the block (dual) against that cache, so the log-probs "
-        "they record are not the exact model's (the trainer recomputes the selected steps' old log-probs "
-        "exactly). Needs the native LLaDA/Dream models.",
-    )
-    compile: bool = _f(
-        False,
-        "Run the rollout forwards through torch.compile(model, dynamic=False), compiled once per shape "
-        "and kept on the DiffusionLM (works with a peft-wrapped model).",
-    )
+    gen_length: int = 256
+    block_length: int = 32
+    steps: int = 128
+    temperature: float = 0.9
+    remasking: Remasking = "low_confidence"
+    #: Stop decoding further blocks of rows whose completion has ended.
+    stop_at_eos: bool = False
+    #: Rollout KV cache: none (exact), or the approximate prefix / dual modes.
+    cache: RolloutCache = "none"
+    #: Run the rollout forwards through torch.compile(model, dynamic=False).
+    compile: bool = False
 
     def __post_init__(self) -> None:
-        _positive("sampler", "gen_length", self.gen_length)
-        _positive("sampler", "block_length", self.block_length)
-        _positive("sampler", "steps", self.steps)
-        _positive("sampler", "temperature", self.temperature, allow_zero=True)
-        _choice("sampler", "remasking", self.remasking, ("low_confidence", "random"))
-        _choice("sampler", "cache", self.cache, ROLLOUT_CACHES)
-        if self.gen_length % self.block_length:
-            raise ConfigError(
-                f"sampler.gen_length={self.gen_length} is not a multiple of sampler.block_length="
-                f"{self.block_length}: choose a block length that divides the completion length."
-            )
-        if self.steps % self.num_blocks:
-            raise ConfigError(
-                f"sampler.steps={self.steps} is not a multiple of the number of blocks ({self.num_blocks} = "
-                f"gen_length/block_length): choose steps divisible by {self.num_blocks}."
-            )
-        if self.steps > self.gen_length:
-            raise ConfigError(
-                f"sampler.steps={self.steps} exceeds sampler.gen_length={self.gen_length}: every step must "
-                "commit at least one token, so use at most gen_length steps."
-            )
+        _check_choices(self)
+        check_sampler_settings(self.gen_length, self.block_length, self.steps, self.temperature)
 
     @property
     def num_blocks(self) -> int:
@@ -145,170 +171,19 @@ class SamplerConfig:
         return self.steps // self.num_blocks
 
 
-ALGORITHMS = ("egspo_sa", "egspo", "diffu_grpo")
-STEP_SELECTIONS = ("high_entropy", "random", "uniform", "adaptive")
-
-
-@dataclass
-class RLConfig:
-    """The RL objective: EGSPO-SA (SPEC §2-4) or diffu-GRPO (SPEC §5)."""
-
-    algorithm: str = _f(
-        "egspo_sa",
-        "egspo_sa (stepwise advantages, lambda 0.5), egspo (lambda 0) or diffu_grpo (the d1 baseline).",
-    )
-    num_generations: int = _f(8, "Rollouts per prompt G (the group for the baseline).")
-    step_selection: str = _f(
-        "high_entropy", "Which denoising steps to train on: high_entropy, random, uniform or adaptive."
-    )
-    num_selected_steps: int = _f(8, "K selected steps per rollout (the cap K_max for adaptive).")
-    adaptive_alpha: float = _f(0.7, "adaptive: smallest K_i whose top entropies reach this share of the total.")
-    stop_at_last_content: bool = _f(
-        False, "Only select steps up to the last step that committed a non-end token."
-    )
-    stepwise_lambda: float | None = _f(
-        None, "Weight lambda of the stepwise term r - r_hat (default 0.5 for egspo_sa, 0 for egspo)."
-    )
-    normalize_returns: bool = _f(True, "Divide the return r + lambda*d by (1 + lambda).")
-    center_step_term: bool = _f(
-        True, "Center the whole return over the group (true) or only r, adding lambda*d uncentered (false)."
-    )
-    scale_rewards: bool = _f(False, "Divide group-centered advantages by the group std.")
-    step_reward_correctness_only: bool = _f(
-        False, "Score greedy completions with the correctness reward functions only."
-    )
-    epsilon_low: float = _f(0.2, "Lower clip range of the ratio.")
-    epsilon_high: float = _f(0.5, "Upper clip range of the ratio.")
-    beta: float = _f(0.04, "KL coefficient (0 disables the reference model).")
-    kl_estimator: str = _f("k3", "k3 (on step log-probs) or exact (full-vocabulary KL at committed positions).")
-    logp_aggregation: str = _f("sum", "Step log-prob over committed tokens: sum or mean.")
-    steps_per_microbatch: int = _f(1, "Selected steps folded into one micro-batch.")
-    num_iterations: int = _f(8, "diffu_grpo: passes mu over each rollout batch.")
-    p_mask_prompt: float = _f(0.15, "diffu_grpo: probability of masking each prompt token in the estimator.")
-
-    def __post_init__(self) -> None:
-        _choice("rl", "algorithm", self.algorithm, ALGORITHMS)
-        _choice("rl", "step_selection", self.step_selection, STEP_SELECTIONS)
-        _choice("rl", "kl_estimator", self.kl_estimator, ("k3", "exact"))
-        _choice("rl", "logp_aggregation", self.logp_aggregation, ("sum", "mean"))
-        if self.num_generations < 2:
-            raise ConfigError(
-                f"rl.num_generations={self.num_generations}: a group baseline needs at least 2 rollouts per prompt."
-            )
-        _positive("rl", "num_selected_steps", self.num_selected_steps)
-        _positive("rl", "steps_per_microbatch", self.steps_per_microbatch)
-        _positive("rl", "num_iterations", self.num_iterations)
-        _positive("rl", "beta", self.beta, allow_zero=True)
-        _positive("rl", "epsilon_low", self.epsilon_low, allow_zero=True)
-        _positive("rl", "epsilon_high", self.epsilon_high, allow_zero=True)
-        if not 0 < self.adaptive_alpha <= 1:
-            raise ConfigError(f"rl.adaptive_alpha={self.adaptive_alpha} must be in (0, 1].")
-        if not 0 <= self.p_mask_prompt < 1:
-            raise ConfigError(f"rl.p_mask_prompt={self.p_mask_prompt} must be in [0, 1).")
-        if self.num_selected_steps % self.steps_per_microbatch:
-            raise ConfigError(
-                f"rl.num_selected_steps={self.num_selected_steps} is not a multiple of rl.steps_per_microbatch="
-                f"{self.steps_per_microbatch}."
-            )
-        if self.stepwise_lambda is None:
-            self.stepwise_lambda = 0.5 if self.algorithm == "egspo_sa" else 0.0
-        elif self.algorithm == "egspo" and self.stepwise_lambda != 0:
-            raise ConfigError(
-                f"rl.stepwise_lambda={self.stepwise_lambda} with rl.algorithm=egspo: plain EGSPO has lambda 0; "
-                "use rl.algorithm=egspo_sa for stepwise advantages."
-            )
-        elif self.stepwise_lambda < 0:
-            raise ConfigError(f"rl.stepwise_lambda={self.stepwise_lambda} must be >= 0.")
-
-
-@dataclass
-class TaskConfig:
-    """What to train on: a built-in task (data file or generator) plus optional extra reward functions."""
-
-    name: str = _f("sudoku", "gsm8k, math500, countdown, sudoku, humaneval, mbpp or kodcode.")
-    train_file: str | None = _f(
-        None, "Training data (jsonl/json/csv/parquet) or hub dataset name; default: the task's generator."
-    )
-    eval_file: str | None = _f(None, "Evaluation data; default: the task's generator (held-out seed).")
-    num_train: int = _f(2000, "Number of generated training problems (generator tasks only).")
-    num_eval: int = _f(200, "Number of generated evaluation problems (generator tasks only).")
-    options: dict[str, Any] = _f({}, "Task-specific options, e.g. {blanks: 6} for sudoku.")
-    max_prompt_length: int = _f(200, "Prompts longer than this many tokens are left-truncated (with a warning).")
-    extra_reward_funcs: list[str] = _f([], "Additional reward functions as 'module:function' import paths.")
-    reward_weights: list[float] | None = _f(
-        None, "Weights of all reward functions (task's, then extra); default: the task's own, 1.0 for extras."
-    )
-
-    def __post_init__(self) -> None:
-        _positive("task", "num_train", self.num_train)
-        _positive("task", "num_eval", self.num_eval)
-        _positive("task", "max_prompt_length", self.max_prompt_length)
-        for spec in self.extra_reward_funcs:
-            if ":" not in spec:
-                raise ConfigError(
-                    f"task.extra_reward_funcs entry {spec!r} is not 'module:function' (e.g. 'my_rewards:length_penalty')."
-                )
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, batching, checkpointing and logging (shared by `egspo train` and `egspo sft`)."""
-
-    output_dir: str = _f("runs/egspo", "Run directory: checkpoints, metrics.jsonl, config.yaml.")
-    seed: int = _f(42, "Seed of every random generator in the run.")
-    max_steps: int = _f(100, "Number of rollout batches (RL) or optimizer steps (SFT).")
-    per_device_batch_size: int = _f(8, "Rollouts per device per step (RL) or examples per micro-batch (SFT).")
-    gradient_accumulation_steps: int = _f(2, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(3e-5, "AdamW learning rate.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.99, "AdamW beta2.")
-    weight_decay: float = _f(0.1, "AdamW weight decay.")
-    max_grad_norm: float = _f(0.2, "Gradient-norm clip (0 disables).")
-    warmup_steps: int = _f(0, "Linear warm-up of the learning rate, in optimizer steps.")
-    lr_scheduler: str = _f("constant", "constant or cosine (after warm-up).")
-    mixed_precision: str = _f("auto", "auto (bf16 on GPU, none on CPU), no or bf16.")
-    save_every: int = _f(200, "Checkpoint every N steps (and always at the end); 0 = only at the end.")
-    keep_last: int = _f(3, "Checkpoints kept; older ones are deleted.")
-    log_every: int = _f(1, "Write metrics every N steps.")
-    report_to: list[str] = _f([], "Extra trackers through accelerate: tensorboard and/or wandb.")
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
-                     "keep_last", "log_every"):
-            _positive("train", name, getattr(self, name))
-        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "save_every"):
-            _positive("train", name, getattr(self, name), allow_zero=True)
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ConfigError("train.adam_beta1 and train.adam_beta2 must be in [0, 1).")
-        _choice("train", "lr_scheduler", self.lr_scheduler, ("constant", "cosine"))
-        _choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
-        for tracker in self.report_to:
-            _choice("train", "report_to", tracker, ("tensorboard", "wandb"))
-
-
 @dataclass
 class EvalConfig:
-    """Evaluation generation (SPEC §6: temperature 0, steps = gen_length / 2, block 32)."""
+    """Evaluation generation: temperature 0, steps = gen_length x steps_ratio, block 32 (the paper's)."""
 
-    gen_lengths: list[int] = _f([128, 256, 512], "Completion lengths to evaluate.")
-    block_length: int = _f(32, "Block length of the evaluation sampler.")
-    steps_ratio: float = _f(0.5, "Denoising steps as a fraction of the completion length.")
-    temperature: float = _f(0.0, "Evaluation sampling temperature (0 = greedy).")
-    batch_size: int = _f(16, "Prompts per generation batch per process.")
-    limit: int | None = _f(None, "Evaluate only the first N items.")
+    gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    block_length: int = 32
+    steps_ratio: float = 0.5
+    temperature: float = 0.0
+    batch_size: int = 16
+    limit: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.gen_lengths:
-            raise ConfigError("eval.gen_lengths is empty: give at least one completion length.")
-        for length in self.gen_lengths:
-            if length % self.block_length:
-                raise ConfigError(
-                    f"eval.gen_lengths contains {length}, not a multiple of eval.block_length={self.block_length}."
-                )
-        if not 0 < self.steps_ratio <= 1:
-            raise ConfigError(f"eval.steps_ratio={self.steps_ratio} must be in (0, 1].")
-        _positive("eval", "batch_size", self.batch_size)
-        _positive("eval", "temperature", self.temperature, allow_zero=True)
+        check_eval_settings(self.gen_lengths, self.block_length, self.steps_ratio, self.temperature, self.batch_size)
 
     def sampler_for(self, gen_length: int, stop_at_eos: bool = False) -> SamplerConfig:
         """The evaluation sampler at one completion length."""
@@ -320,44 +195,359 @@ class EvalConfig:
         )
 
 
-@dataclass
-class Config:
-    """A whole run. Sections: model, sampler, rl, task, train, eval."""
+def check_eval_settings(gen_lengths: list[int], block_length: int, steps_ratio: float, temperature: float,
+                        batch_size: int, prefix: str = "") -> None:
+    """Evaluation sampler rules; ``prefix`` is how the caller names them (``eval_`` in EGSPOConfig)."""
+    lengths = f"{prefix}completion_lengths" if prefix else "gen_lengths"
+    if not gen_lengths:
+        raise ConfigError(f"{lengths} is empty: give at least one completion length.")
+    for length in gen_lengths:
+        if length <= 0 or length % block_length:
+            raise ConfigError(
+                f"{lengths} contains {length}, not a positive multiple of {prefix}block_length={block_length}."
+            )
+    if not 0 < steps_ratio <= 1:
+        raise ConfigError(f"{prefix}{'diffusion_' if prefix else ''}steps_ratio={steps_ratio} must be in (0, 1].")
+    _positive("per_device_eval_batch_size" if prefix else "batch_size", batch_size)
+    _positive(f"{prefix}temperature", temperature, allow_zero=True)
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+
+# ---------------------------------------------------------------------------------------------------
+# The run configuration
+
+
+#: Options each algorithm does not use, checked in EGSPOConfig.__post_init__ (set away from the default: warned).
+_UNUSED_BY = {
+    "diffu_grpo": ("step_selection", "num_selected_steps", "adaptive_alpha", "stop_at_last_content",
+                   "stepwise_lambda", "normalize_returns", "center_step_term", "step_reward_correctness_only",
+                   "kl_estimator", "logp_aggregation", "steps_per_microbatch"),
+    "egspo": ("num_iterations", "p_mask_prompt", "normalize_returns", "center_step_term",
+              "step_reward_correctness_only"),
+    "egspo_sa": ("num_iterations", "p_mask_prompt"),
+}
+
+
+@dataclass
+class EGSPOConfig:
+    """Every setting of a run (training, generation, evaluation, hub), flat and TRL-named."""
+
+    # -- model ------------------------------------------------------------------------------------
+    model_name_or_path: str = _f(
+        "builtin:sudoku-tiny",
+        "Local directory or hub name of a diffusion LM; 'builtin:sudoku-tiny' is the small Sudoku base model "
+        "shipped with egspo, 'builtin:tiny' a random-init tiny model. EGSPOTrainer(model=...) overrides it.",
+        legacy="model.name_or_path",
+    )
+    dtype: Dtype = _f("auto", "Weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.",
+                      legacy="model.dtype")
+    trust_remote_code: bool = _f(
+        False, "Load the checkpoint's own modeling code (only for architectures egspo does not ship).",
+        legacy="model.trust_remote_code")
+    use_peft: bool = _f(
+        True, "Train a LoRA adapter (reference policy = adapter disabled); false = full fine-tuning.",
+        legacy="model.lora")
+    lora_r: int = _f(128, "LoRA rank.", legacy="model.lora_r")
+    lora_alpha: int = _f(64, "LoRA alpha.", legacy="model.lora_alpha")
+    lora_dropout: float = _f(
+        0.0, "LoRA dropout. 0 by default in RL: with dropout the rollout (eval mode) and the update (train mode) "
+        "see different policies, so the ratio is not 1 at the first update.", legacy="model.lora_dropout")
+    lora_target_modules: list[str] | None = _f(
+        None, "Linear layers to adapt; default: all linear layers of the architecture (LLaDA/Dream names); "
+        "['all-linear'] for peft's choice; ['published'] for the published EGSPO/d1 list (q, k, v, up on LLaDA).",
+        legacy="model.lora_target_modules")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.",
+                                      legacy="model.gradient_checkpointing")
+
+    # -- rollout generation -----------------------------------------------------------------------
+    max_completion_length: int = _f(256, "Completion length L_c in tokens.", legacy="sampler.gen_length")
+    block_length: int = _f(32, "Semi-autoregressive block length; max_completion_length must be a multiple of it.",
+                           legacy="sampler.block_length")
+    diffusion_steps: int = _f(128, "Denoising steps T over the whole completion; a multiple of the number of blocks.",
+                              legacy="sampler.steps")
+    temperature: float = _f(0.9, "Rollout sampling temperature (0 = greedy argmax).", legacy="sampler.temperature")
+    remasking: Remasking = _f("low_confidence", "Which masked positions to commit: low_confidence or random.",
+                              legacy="sampler.remasking")
+    stop_at_eos: bool = _f(
+        False, "Stop decoding further blocks of rows whose completion has ended (remaining positions are committed "
+        "as the end token in the next block's steps).", legacy="sampler.stop_at_eos")
+    rollout_cache: RolloutCache = _f(
+        "none",
+        "Rollout KV cache: none (exact, the default), or prefix / dual, which are APPROXIMATE (Fast-dLLM style): one "
+        "full forward per block caches every layer's keys/values and the block's other steps run only part of the "
+        "sequence against it; the trainer recomputes the selected steps' old log-probs exactly. Needs the native "
+        "LLaDA/Dream models.", legacy="sampler.cache")
+    compile_rollout: bool = _f(
+        False, "Run the rollout forwards through torch.compile(model, dynamic=False), compiled once per shape.",
+        legacy="sampler.compile")
+
+    # -- algorithm --------------------------------------------------------------------------------
+    algorithm: Algorithm = _f(
+        "egspo_sa", "egspo_sa (stepwise advantages, lambda 0.5), egspo (lambda 0) or diffu_grpo (the d1 baseline).",
+        legacy="rl.algorithm")
+    num_generations: int = _f(8, "Rollouts per prompt G (the group for the baseline).", legacy="rl.num_generations")
+    step_selection: StepSelection = _f(
+        "high_entropy", "Which denoising steps to train on: high_entropy, random, uniform or adaptive.",
+        legacy="rl.step_selection")
+    num_selected_steps: int | None = _f(
+        None, "K selected steps per rollout (the cap K_max for adaptive); default 8 (the paper's), or diffusion_steps "
+        "when there are fewer.", legacy="rl.num_selected_steps")
+    adaptive_alpha: float = _f(0.7, "adaptive: smallest K_i whose top entropies reach this share of the total.",
+                               legacy="rl.adaptive_alpha")
+    stop_at_last_content: bool = _f(False, "Only select steps up to the last step that committed a non-end token.",
+                                    legacy="rl.stop_at_last_content")
+    stepwise_lambda: float | None = _f(
+        None, "Weight lambda of the stepwise term r - r_hat (default 0.5 for egspo_sa, 0 for egspo).",
+        legacy="rl.stepwise_lambda")
+    normalize_returns: bool = _f(True, "Divide the return r + lambda*d by (1 + lambda).", legacy="rl.normalize_returns")
+    center_step_term: bool = _f(
+        True, "Center the whole return over the group (true) or only r, adding lambda*d uncentered (false).",
+        legacy="rl.center_step_term")
+    scale_rewards: bool = _f(False, "Divide group-centered advantages by the group std.", legacy="rl.scale_rewards")
+    step_reward_correctness_only: bool = _f(
+        False, "Score greedy completions with the correctness reward functions only.",
+        legacy="rl.step_reward_correctness_only")
+    epsilon: float = _f(0.2, "Lower clip range of the ratio (1 - epsilon).", legacy="rl.epsilon_low")
+    epsilon_high: float = _f(0.5, "Upper clip range of the ratio (1 + epsilon_high); the paper's 0.5.",
+                             legacy="rl.epsilon_high")
+    beta: float = _f(0.04, "KL coefficient (0 disables the reference model).", legacy="rl.beta")
+    kl_estimator: Literal["k3", "exact"] = _f(
+        "k3", "k3 (on step log-probs) or exact (full-vocabulary KL at committed positions).", legacy="rl.kl_estimator")
+    logp_aggregation: Literal["sum", "mean"] = _f("sum", "Step log-prob over committed tokens: sum or mean.",
+                                                  legacy="rl.logp_aggregation")
+    steps_per_microbatch: int = _f(1, "Selected steps folded into one micro-batch.", legacy="rl.steps_per_microbatch")
+    num_iterations: int = _f(8, "diffu_grpo: optimizer steps mu each rollout batch serves.",
+                             legacy="rl.num_iterations")
+    p_mask_prompt: float = _f(0.15, "diffu_grpo: probability of masking each prompt token in the estimator.",
+                              legacy="rl.p_mask_prompt")
+
+    # -- data and rewards -------------------------------------------------------------------------
+    task: str = _f(
+        "sudoku", "Built-in task (gsm8k, math500, countdown, sudoku, humaneval, mbpp, kodcode, custom): its data, "
+        "prompts, rewards and accuracy. EGSPOTrainer(train_dataset=..., reward_funcs=...) replace its data/rewards.",
+        legacy="task.name")
+    train_file: str | None = _f(
+        None, "Training data (jsonl/json/csv/parquet, a hub dataset name, or builtin:NAME); default: the task's "
+        "generator.", legacy="task.train_file")
+    eval_file: str | None = _f(None, "Evaluation data; default: the task's generator (held-out seed).",
+                               legacy="task.eval_file")
+    num_train: int = _f(2000, "Number of generated training problems (generator tasks only).", legacy="task.num_train")
+    num_eval: int = _f(200, "Number of generated evaluation problems (generator tasks only).", legacy="task.num_eval")
+    task_options: dict[str, Any] = _f({}, "Task-specific options, e.g. {blanks: 6} for sudoku.",
+                                      legacy="task.options")
+    max_prompt_length: int = _f(200, "Prompts longer than this many tokens are left-truncated (with a warning).",
+                                legacy="task.max_prompt_length")
+    reward_funcs: list[str] = _f(
+        [], "Additional reward functions as 'module:function' import paths (the working directory is importable).",
+        legacy="task.extra_reward_funcs")
+    reward_weights: list[float] | None = _f(
+        None, "Weights of all reward functions (the task's or the trainer's, then reward_funcs); default: the task's "
+        "own, 1.0 for the others.", legacy="task.reward_weights")
+
+    # -- training ---------------------------------------------------------------------------------
+    output_dir: str = _f("runs/egspo", "Run directory: checkpoints, metrics.jsonl, config.yaml, report.",
+                         legacy="train.output_dir")
+    seed: int = _f(42, "Seed of every random generator in the run.", legacy="train.seed")
+    max_steps: int = _f(100, "Training steps: rollout batches (RL) or optimizer steps (SFT).", legacy="train.max_steps")
+    per_device_train_batch_size: int = _f(
+        8, "Rollouts per device per step (RL) or examples per micro-batch (SFT).", legacy="train.per_device_batch_size")
+    gradient_accumulation_steps: int = _f(2, "Micro-batches per optimizer step.",
+                                          legacy="train.gradient_accumulation_steps")
+    learning_rate: float = _f(3e-5, "AdamW learning rate.", legacy="train.learning_rate")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", legacy="train.adam_beta1")
+    adam_beta2: float = _f(0.99, "AdamW beta2.", legacy="train.adam_beta2")
+    weight_decay: float = _f(0.1, "AdamW weight decay.", legacy="train.weight_decay")
+    max_grad_norm: float = _f(0.2, "Gradient-norm clip (0 disables).", legacy="train.max_grad_norm")
+    warmup_steps: int = _f(0, "Linear warm-up of the learning rate, in optimizer steps.", legacy="train.warmup_steps")
+    lr_scheduler_type: Literal["constant", "cosine"] = _f("constant", "constant or cosine (after warm-up).",
+                                                          legacy="train.lr_scheduler")
+    bf16: bool | None = _f(None, "bf16 mixed precision; default (null): on with a GPU, off on CPU.",
+                           legacy="train.mixed_precision")
+    save_steps: int = _f(200, "Checkpoint every N steps (and always at the end); 0 = only at the end.",
+                         legacy="train.save_every")
+    save_total_limit: int = _f(3, "Checkpoints kept; older ones are deleted.", legacy="train.keep_last")
+    logging_steps: int = _f(1, "Write metrics every N steps.", legacy="train.log_every")
+    report_to: list[str] = _f([], f"Trackers through accelerate: {', '.join(TRACKERS)}.", legacy="train.report_to")
+
+    # -- evaluation -------------------------------------------------------------------------------
+    eval_strategy: Literal["no", "steps"] = _f(
+        "no", "'steps': evaluate every eval_steps steps (greedy, the eval settings) on the eval data.")
+    eval_steps: int | None = _f(None, "Evaluate every N steps (eval_strategy=steps); default: save_steps.")
+    load_best_model_at_end: bool = _f(
+        False, "At the end, load the checkpoint with the best eval accuracy (needs eval_strategy=steps).")
+    eval_completion_lengths: list[int] = _f([128, 256, 512], "Completion lengths to evaluate.",
+                                            legacy="eval.gen_lengths")
+    eval_block_length: int = _f(32, "Block length of the evaluation sampler.", legacy="eval.block_length")
+    eval_diffusion_steps_ratio: float = _f(0.5, "Evaluation denoising steps as a fraction of the completion length.",
+                                           legacy="eval.steps_ratio")
+    eval_temperature: float = _f(0.0, "Evaluation sampling temperature (0 = greedy).", legacy="eval.temperature")
+    per_device_eval_batch_size: int = _f(16, "Prompts per evaluation generation batch per process.",
+                                         legacy="eval.batch_size")
+    eval_limit: int | None = _f(None, "Evaluate only the first N items.", legacy="eval.limit")
+
+    # -- hub --------------------------------------------------------------------------------------
+    push_to_hub: bool = _f(False, "Push the final model (adapter or weights, model card) to the hub at the end.")
+    hub_model_id: str | None = _f(None, "Hub repository (owner/name); default: the output directory's name.")
+    hub_private_repo: bool = _f(False, "Create the hub repository as private.")
 
     def __post_init__(self) -> None:
-        self.validate()
+        _check_choices(self)
+        self.model_config()  # LoRA and dtype rules
+        check_sampler_settings(self.max_completion_length, self.block_length, self.diffusion_steps, self.temperature,
+                               ("max_completion_length", "block_length", "diffusion_steps", "temperature"))
+        check_eval_settings(self.eval_completion_lengths, self.eval_block_length, self.eval_diffusion_steps_ratio,
+                            self.eval_temperature, self.per_device_eval_batch_size, prefix="eval_")
+        self._check_algorithm()
+        self._check_data()
+        self._check_training()
+        for name in _UNUSED_BY[self.algorithm]:
+            resolved = name in ("stepwise_lambda", "num_selected_steps") and self._resolved_default(name)
+            if getattr(self, name) != _DEFAULTS[name] and not resolved:
+                warnings.warn(
+                    f"{name}={getattr(self, name)!r} has no effect with algorithm={self.algorithm!r}.",
+                    UserWarning, stacklevel=3)
+
+    def _resolved_default(self, name: str) -> bool:
+        """Whether an optional field holds the value its None default resolves to."""
+        if name == "stepwise_lambda":
+            return self.stepwise_lambda == (0.5 if self.algorithm == "egspo_sa" else 0.0)
+        return self.num_selected_steps == min(8, self.diffusion_steps)
+
+    def _check_algorithm(self) -> None:
+        if self.num_selected_steps is None:
+            self.num_selected_steps = min(8, self.diffusion_steps)
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"num_generations={self.num_generations}: a group baseline needs at least 2 rollouts per prompt.")
+        for name in ("num_selected_steps", "steps_per_microbatch", "num_iterations"):
+            _positive(name, getattr(self, name))
+        for name in ("beta", "epsilon", "epsilon_high"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if not 0 < self.adaptive_alpha <= 1:
+            raise ConfigError(f"adaptive_alpha={self.adaptive_alpha} must be in (0, 1].")
+        if not 0 <= self.p_mask_prompt < 1:
+            raise ConfigError(f"p_mask_prompt={self.p_mask_prompt} must be in [0, 1).")
+        if self.num_selected_steps % self.steps_per_microbatch:
+            raise ConfigError(
+                f"num_selected_steps={self.num_selected_steps} is not a multiple of "
+                f"steps_per_microbatch={self.steps_per_microbatch}.")
+        if self.stepwise_lambda is None:
+            self.stepwise_lambda = 0.5 if self.algorithm == "egspo_sa" else 0.0
+        elif self.algorithm == "egspo" and self.stepwise_lambda != 0:
+            raise ConfigError(
+                f"stepwise_lambda={self.stepwise_lambda} with algorithm=egspo: plain EGSPO has lambda 0; use "
+                "algorithm=egspo_sa for stepwise advantages.")
+        elif self.stepwise_lambda < 0:
+            raise ConfigError(f"stepwise_lambda={self.stepwise_lambda} must be >= 0.")
+        if self.algorithm != "diffu_grpo" and self.num_selected_steps > self.diffusion_steps:
+            raise ConfigError(
+                f"num_selected_steps={self.num_selected_steps} exceeds diffusion_steps={self.diffusion_steps}: K "
+                "selected steps must be at most the number of denoising steps.")
+
+    def _check_data(self) -> None:
+        for name in ("num_train", "num_eval", "max_prompt_length"):
+            _positive(name, getattr(self, name))
+        for spec in self.reward_funcs:
+            if ":" not in spec:
+                raise ConfigError(
+                    f"reward_funcs entry {spec!r} is not 'module:function' (e.g. 'my_rewards:length_penalty').")
+
+    def _check_training(self) -> None:
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                     "save_total_limit", "logging_steps"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "save_steps"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1).")
+        for tracker in self.report_to:
+            if tracker not in TRACKERS:
+                raise ConfigError(f"report_to entry {tracker!r} is not one of {', '.join(TRACKERS)}.")
+        if self.eval_steps is not None:
+            _positive("eval_steps", self.eval_steps)
+        if self.load_best_model_at_end and self.eval_strategy == "no":
+            raise ConfigError("load_best_model_at_end=true needs eval_strategy=steps (something to choose by).")
+
+    # -- derived parameters -----------------------------------------------------------------------
+
+    def model_config(self, name_or_path: str | None = None) -> ModelConfig:
+        """The loader's parameters (``name_or_path`` overrides ``model_name_or_path``)."""
+        return ModelConfig(
+            name_or_path=name_or_path or self.model_name_or_path, dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code, lora=self.use_peft, lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+
+    def rollout_sampler(self) -> SamplerConfig:
+        """The sampler of the training rollouts."""
+        return SamplerConfig(
+            gen_length=self.max_completion_length, block_length=self.block_length, steps=self.diffusion_steps,
+            temperature=self.temperature, remasking=self.remasking, stop_at_eos=self.stop_at_eos,
+            cache=self.rollout_cache, compile=self.compile_rollout,
+        )
+
+    def eval_config(self) -> EvalConfig:
+        """The evaluation generation settings."""
+        return EvalConfig(
+            gen_lengths=list(self.eval_completion_lengths), block_length=self.eval_block_length,
+            steps_ratio=self.eval_diffusion_steps_ratio, temperature=self.eval_temperature,
+            batch_size=self.per_device_eval_batch_size, limit=self.eval_limit,
+        )
+
+    @property
+    def updates_per_rollout(self) -> int:
+        """Micro-batches (backward passes) one rollout batch feeds."""
+        if self.algorithm == "diffu_grpo":
+            return self.num_iterations * self.gradient_accumulation_steps
+        return self.num_selected_steps // self.steps_per_microbatch
 
     def validate(self, num_processes: int | None = None) -> None:
-        """Cross-section rules. The global-batch rule needs the launch size, so it is checked only when
-        ``num_processes`` is given: the RL trainer calls ``validate(accelerator.num_processes)`` at start-up.
-        (A recipe for 8 GPUs with 6 rollouts per device and G = 8 must load in one process too, e.g.
-        for ``egspo eval`` or ``egspo config``.)"""
-        if self.rl.algorithm != "diffu_grpo" and self.rl.num_selected_steps > self.sampler.steps:
-            raise ConfigError(
-                f"rl.num_selected_steps={self.rl.num_selected_steps} exceeds sampler.steps={self.sampler.steps}: "
-                "K selected steps must be at most the number of denoising steps."
-            )
+        """The rules that need the launch size (checked by the trainer at start-up: a recipe for 8 GPUs with 6
+        rollouts per device and G = 8 must still load in one process, e.g. for ``egspo eval``)."""
         if num_processes is None:
             return
-        global_batch = self.train.per_device_batch_size * num_processes
-        if global_batch % self.rl.num_generations:
+        global_batch = self.per_device_train_batch_size * num_processes
+        if global_batch % self.num_generations:
             raise ConfigError(
-                f"train.per_device_batch_size={self.train.per_device_batch_size} x {num_processes} process(es) = "
-                f"{global_batch} rollouts is not a multiple of rl.num_generations={self.rl.num_generations}: "
-                "every prompt's group must be complete in a global batch. Launch a multiple of "
-                f"{self.rl.num_generations // math.gcd(self.train.per_device_batch_size, self.rl.num_generations)} "
-                "processes or change train.per_device_batch_size."
-            )
+                f"per_device_train_batch_size={self.per_device_train_batch_size} x {num_processes} process(es) = "
+                f"{global_batch} rollouts is not a multiple of num_generations={self.num_generations}: every "
+                "prompt's group must be complete in a global batch. Launch a multiple of "
+                f"{self.num_generations // math.gcd(self.per_device_train_batch_size, self.num_generations)} "
+                "processes or change per_device_train_batch_size.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: Deprecated alias (egspo 0.1): the run configuration.
+Config = EGSPOConfig
+_dataclass_init = EGSPOConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_naming_unknown_fields(self: EGSPOConfig, *args: Any, **kwargs: Any) -> None:
+    for key in kwargs:
+        if key not in _FIELDS:
+            raise _unknown_key(key)
+    _dataclass_init(self, *args, **kwargs)
+
+
+EGSPOConfig.__init__ = _init_naming_unknown_fields  # type: ignore[method-assign]
+
+_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(EGSPOConfig)}
+_DEFAULTS: dict[str, Any] = {
+    f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)  # type: ignore[misc]
+    for f in dataclasses.fields(EGSPOConfig)
+}
+#: ``section.field`` of egspo 0.1 -> the flat field.
+LEGACY_NAMES: dict[str, str] = {f.metadata["legacy"]: f.name for f in _FIELDS.values() if "legacy" in f.metadata}
+LEGACY_SECTIONS = ("model", "sampler", "rl", "task", "train", "eval")
+_MIXED_PRECISION = {"auto": None, "no": False, "bf16": True}
+
+
+def field_help(name: str) -> str:
+    """The help text of an EGSPOConfig field."""
+    return str(_FIELDS[name].metadata["help"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -381,6 +571,11 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
             return None
         raise ConfigError(f"{where} may not be null.")
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}.")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -419,81 +614,148 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"Section {name!r} must be a mapping of field: value, got {values!r}.")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {name}.{close[0]}?" if close else f" Known fields: {', '.join(known)}."
-            raise ConfigError(f"Unknown config key {name}.{key}.{hint}")
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
-    return cls(**kwargs)
+def _unknown_key(key: str) -> ConfigError:
+    # an egspo 0.1 field name without its section first (gen_length -> max_completion_length)
+    close = [new for old, new in LEGACY_NAMES.items() if old.split(".", 1)[1] == key and new != key][:1]
+    close = close or difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]}?" if close else " Run `egspo config --help-fields` for the list."
+    return ConfigError(f"Unknown config key {key!r}.{hint}")
 
 
-_SECTION_CLASSES = {
-    "model": ModelConfig, "sampler": SamplerConfig, "rl": RLConfig,
-    "task": TaskConfig, "train": TrainConfig, "eval": EvalConfig,
-}
+def _deprecated(renames: dict[str, str], where: str) -> None:
+    listed = ", ".join(f"{old} -> {new}" for old, new in renames.items())
+    warnings.warn(f"{where} uses the sectioned config names of egspo 0.1, which work until egspo 0.3; the new names: "
+                  f"{listed}.", FutureWarning, stacklevel=4)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a Config from a nested mapping (as read from YAML)."""
+def _legacy(section: str, name: str, value: Any) -> tuple[str, Any]:
+    """The flat (field, value) of a ``section.field`` key of egspo 0.1."""
+    old = f"{section}.{name}"
+    if old not in LEGACY_NAMES:
+        candidates = [key for key in LEGACY_NAMES if key.endswith(f".{name}")]
+        if candidates:
+            raise ConfigError(f"Unknown config key {old!r}: {name!r} belonged to {candidates[0]!r}, now "
+                              f"{LEGACY_NAMES[candidates[0]]!r}.")
+        raise _unknown_key(name)
+    new = LEGACY_NAMES[old]
+    if old == "train.mixed_precision":
+        if value not in _MIXED_PRECISION:
+            raise ConfigError(f"{old}={value!r} is not one of auto, no, bf16 (now bf16: null/false/true).")
+        value = _MIXED_PRECISION[value]
+    return new, value
+
+
+def flatten(data: Any, source: str = "the config") -> dict[str, Any]:
+    """A flat ``{field: value}`` mapping from a YAML document, legacy sections unfolded (warned)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"A config must be a mapping of sections, got {type(data).__name__}.")
-    sections = {}
-    for key in data:
-        if key not in _SECTION_CLASSES:
-            close = difflib.get_close_matches(str(key), list(_SECTION_CLASSES), n=1)
-            hint = f" Did you mean {close[0]}?" if close else f" Sections: {', '.join(_SECTION_CLASSES)}."
-            raise ConfigError(f"Unknown config section {key!r}.{hint}")
-    for name, cls in _SECTION_CLASSES.items():
-        sections[name] = _build_section(name, cls, data.get(name) or {})
-    return Config(**sections)
+        raise ConfigError(
+            f"{source} must be a mapping of field: value (e.g. 'max_steps: 10'), got a {type(data).__name__}.")
+    flat: dict[str, Any] = {}
+    renames: dict[str, str] = {}
+    for key, value in data.items():
+        key = str(key)
+        if key in LEGACY_SECTIONS and (isinstance(value, dict) or key not in _FIELDS):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"Section {key!r} in {source} must be a mapping of field: value, got {value!r}.")
+            for name, item in value.items():
+                new, item = _legacy(key, str(name), item)
+                flat[new] = item
+                renames[f"{key}.{name}"] = new
+        else:
+            flat[key] = value
+    if renames:
+        _deprecated(renames, source)
+    return flat
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` strings (values parsed as YAML) to a nested mapping."""
-    data = {k: dict(v or {}) for k, v in data.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"Override {item!r} is not of the form section.field=value (e.g. rl.beta=0.0).")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2:
-            raise ConfigError(f"Override key {key!r} must be section.field, e.g. train.max_steps.")
-        section, name = parts
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Override {item!r}: value is not valid YAML ({exc}).") from exc
-        data.setdefault(section, {})[name] = value
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from exc
+def parse_override(item: str) -> tuple[str, Any]:
+    """``field=value`` (value parsed as YAML) -> (field, value); ``section.field=value`` is legacy (warned)."""
+    if "=" not in item:
+        raise ConfigError(f"Override {item!r} is not of the form field=value (e.g. beta=0.0).")
+    key, raw = item.split("=", 1)
+    key = key.strip()
     try:
-        return config_from_dict(apply_overrides(data, overrides or []))
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override {item!r}: the value is not valid YAML ({exc}).") from exc
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section not in LEGACY_SECTIONS:
+            raise ConfigError(f"Override key {key!r}: use the flat field name, e.g. max_steps=10.")
+        new, value = _legacy(section, name, value)
+        _deprecated({key: new}, f"Override {item!r}")
+        return new, value
+    return key, value
+
+
+def config_from_dict(data: dict[str, Any], where: dict[str, str] | None = None) -> EGSPOConfig:
+    """Build and validate an EGSPOConfig from a flat mapping; ``where`` says where each key came from
+    (file and line, or the command-line override), for the error messages."""
+    where = where or {}
+    hints = typing.get_type_hints(EGSPOConfig)
+    kwargs = {}
+    for key, value in flatten(data).items():
+        if key not in _FIELDS:
+            exc = _unknown_key(key)
+            raise ConfigError(f"{exc}{_origin(where, key)}") from None
+        try:
+            kwargs[key] = _coerce(key, value, hints[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{_origin(where, key)}") from None
+    try:
+        return EGSPOConfig(**kwargs)
     except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{exc}{where}") from None
+        culprit = next((key for key in where if str(exc).startswith(f"{key}=") or f" {key}=" in str(exc)), None)
+        raise ConfigError(f"{exc}{_origin(where, culprit) if culprit else ''}") from None
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (re-loadable with :func:`load_config`)."""
+def _origin(where: dict[str, str], key: str) -> str:
+    return f" ({where[key]})" if key in where else ""
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The flat mapping of a YAML config and, per key, ``path:line``."""
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}, {}
+    flat = flatten(data, source=f"Config file {path}")
+    lines: dict[str, str] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(value_node, yaml.MappingNode) and key_node.value in LEGACY_SECTIONS:
+                for inner_key, _ in value_node.value:
+                    name = LEGACY_NAMES.get(f"{key_node.value}.{inner_key.value}")
+                    if name:
+                        lines[name] = f"{path}:{inner_key.start_mark.line + 1}"
+            else:
+                lines[str(key_node.value)] = f"{path}:{key_node.start_mark.line + 1}"
+    return flat, lines
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EGSPOConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``field=value`` overrides."""
+    data: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        data, where = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        data[key] = value
+        where[key] = f"command-line override {item!r}"
+    return config_from_dict(data, where)
+
+
+def save_config(cfg: EGSPOConfig, path: str | Path) -> None:
+    """Write the resolved config as flat YAML (re-loadable with :func:`load_config`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

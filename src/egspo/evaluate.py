@@ -50,8 +50,10 @@ from egspo.config import ConfigError, EvalConfig, ModelConfig, SamplerConfig
 from egspo.models.adapter import DiffusionLM, unwrap
 from egspo.models.loading import load_model, load_tokenizer
 from egspo.rl.batching import encode_prompts
+from egspo.rl.data import prompt_text
 from egspo.sampling import sample
-from egspo.tasks import Task, format_prompt, get_task
+from egspo.seeding import stream
+from egspo.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -144,25 +146,28 @@ def generate_batch(
 def _generator(device: torch.device, seed: int, first_item: int) -> torch.Generator:
     # Seeded by the batch's first item, so sampled (temperature > 0) completions do not depend on which
     # process generated the batch.
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_item)
+    return stream("eval", seed, first_item, device=device)
 
 
-def prompt_texts(task: Task, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The evaluation prompts of ``rows`` (the task's eval messages through the chat template)."""
-    return [format_prompt(tokenizer, task.messages(row, for_eval=True)) for row in rows]
+def prompt_texts(task: Task | None, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The evaluation prompts of ``rows`` (a row's own ``prompt``, else the task's eval messages through the
+    chat template: :func:`egspo.rl.data.prompt_text`)."""
+    return [prompt_text(tokenizer, row, task, for_eval=True) for row in rows]
 
 
 def evaluate_rows(
     dlm: DiffusionLM,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: Task | None,
     rows: Sequence[dict[str, Any]],
     sampler_cfg: SamplerConfig,
     *,
     batch_size: int = 16,
     seed: int = 0,
+    metrics: bool = True,
 ) -> tuple[list[str], dict[str, float]]:
-    """Generate for ``rows`` in this process (no files) and score: (completions in row order, task metrics)."""
+    """Generate for ``rows`` in this process (no files) and score: (completions in row order, task metrics;
+    empty with ``metrics=False``). ``task`` builds the prompts of rows without a ``prompt`` column."""
     prompts = prompt_texts(task, tokenizer, rows)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     completions: list[str] = [""] * len(rows)
@@ -171,7 +176,7 @@ def evaluate_rows(
                                _generator(dlm.device, seed, batch[0]))
         for i, text in zip(batch, texts, strict=True):
             completions[i] = text
-    return completions, task.metrics(completions, rows)
+    return completions, task.metrics(completions, rows) if metrics and task is not None else {}
 
 
 # -- model variants -----------------------------------------------------------------------------

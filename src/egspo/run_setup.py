@@ -13,19 +13,17 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from egspo.config import ConfigError, TrainConfig
+from egspo.config import ConfigError, EGSPOConfig
 
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator(train: TrainConfig) -> Accelerator:
-    """An Accelerator for ``train``: bf16 on GPU for mixed_precision=auto, a CPU process group without CUDA."""
-    mixed = train.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() else "no"
+def make_accelerator(train: EGSPOConfig) -> Accelerator:
+    """An Accelerator for ``train``: bf16 on GPU unless ``bf16`` says otherwise, a CPU process group without CUDA."""
+    bf16 = torch.cuda.is_available() if train.bf16 is None else train.bf16
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # so CPU launches of several processes form one gloo group
-        mixed_precision=mixed,
+        mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         log_with=train.report_to or None,
         project_dir=train.output_dir,
@@ -40,36 +38,36 @@ def check_output_dir(path: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"train.output_dir={str(path)!r} is not writable: {exc}") from exc
+        raise ConfigError(f"output_dir={str(path)!r} is not writable: {exc}") from exc
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], train: TrainConfig, optimizer_steps: int
+    params: list[torch.nn.Parameter], train: EGSPOConfig, optimizer_steps: int
 ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW with the configured betas and weight decay, and the warm-up + constant/cosine schedule."""
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                   weight_decay=train.weight_decay)
-    scheduler = get_scheduler("constant_with_warmup" if train.lr_scheduler == "constant" else "cosine",
+    scheduler = get_scheduler("constant_with_warmup" if train.lr_scheduler_type == "constant" else "cosine",
                               optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=optimizer_steps)
     return optimizer, scheduler
 
 
-def configure_deepspeed(accelerator: Accelerator, train: TrainConfig) -> None:
+def configure_deepspeed(accelerator: Accelerator, train: EGSPOConfig) -> None:
     """Tell the DeepSpeed plugin (if any) what it would otherwise read from a dataloader or default.
 
     accelerate takes the micro-batch size from a prepared dataloader, and egspo prepares none: the
-    micro-batch is ``train.per_device_batch_size`` rows. DeepSpeed clips gradients itself, by its
-    ``gradient_clipping`` (accelerate fills "auto" with 1.0): it is set to ``train.max_grad_norm``,
+    micro-batch is ``per_device_train_batch_size`` rows. DeepSpeed clips gradients itself, by its
+    ``gradient_clipping`` (accelerate fills "auto" with 1.0): it is set to ``max_grad_norm``,
     so the config stays the one source of truth (0 = no clipping, as in DeepSpeed).
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
     config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = train.per_device_batch_size
+    config["train_micro_batch_size_per_gpu"] = train.per_device_train_batch_size
     previous = config.get("gradient_clipping", "auto")
     if previous != "auto" and float(previous) != float(train.max_grad_norm):
-        logger.warning("DeepSpeed gradient_clipping=%s replaced by train.max_grad_norm=%s.", previous,
+        logger.warning("DeepSpeed gradient_clipping=%s replaced by max_grad_norm=%s.", previous,
                        train.max_grad_norm)
     config["gradient_clipping"] = float(train.max_grad_norm)
 
@@ -78,7 +76,7 @@ def prepare_model_and_optimizer(
     accelerator: Accelerator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    train: TrainConfig,
+    train: EGSPOConfig,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """``accelerator.prepare(model, optimizer)`` under DDP, FSDP or DeepSpeed (see :func:`configure_deepspeed`)."""
     configure_deepspeed(accelerator, train)

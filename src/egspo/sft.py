@@ -3,7 +3,7 @@
 For each example, draw t ~ U(eps, 1], mask every completion token independently with probability t
 (the prompt is never masked), and minimise the cross-entropy on the masked tokens weighted by 1/t,
 normalised by the completion length. Completions are padded with the end token up to
-``sampler.gen_length`` so that the model learns to fill the rest of a fixed-length completion with
+``max_completion_length`` so that the model learns to fill the rest of a fixed-length completion with
 end tokens, which is what the sampler asks of it.
 
     egspo sft --config configs/sft_sudoku_tiny.yaml
@@ -25,14 +25,16 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_checkpoint, save_checkpoint
-from egspo.config import Config, ConfigError, save_config
+from egspo.config import ConfigError, EGSPOConfig, save_config
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
 from egspo.rl.batching import encode_prompts
+from egspo.rl.data import prompt_text
 from egspo.rl.metrics import MetricsWriter
+from egspo.seeding import stream
 from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
                               prepare_model_and_optimizer)
-from egspo.tasks import format_prompt, get_task
+from egspo.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +42,23 @@ logger = logging.getLogger(__name__)
 MIN_MASK_PROB = 1e-3
 
 
-def sft_pairs(cfg: Config, tokenizer: Any) -> list[tuple[str, str]]:
+def sft_pairs(cfg: EGSPOConfig, tokenizer: Any) -> list[tuple[str, str]]:
     """(prompt text, completion text) pairs from the configured data."""
-    task = get_task(cfg.task.name)
-    rows = task.load(cfg.task.train_file, "train", cfg.task.num_train, cfg.train.seed, **cfg.task.options)
+    task = get_task(cfg.task)
+    rows = task.load(cfg.train_file, "train", cfg.num_train, cfg.seed, **cfg.task_options)
     pairs = []
     for i, row in enumerate(rows):
-        if "prompt" in row and "completion" in row:
-            prompt = format_prompt(tokenizer, [{"role": "user", "content": str(row["prompt"])}])
-            pairs.append((prompt, str(row["completion"])))
+        if "prompt" in row and "completion" in row:  # the prompt as in RL: text as it is, messages templated
+            pairs.append((prompt_text(tokenizer, row, task), str(row["completion"])))
             continue
         completion = task.reference_completion(row)
         if completion is None:
             raise ConfigError(
-                f"SFT row {i} of task {cfg.task.name!r} has no 'completion' field and the task has no reference "
+                f"SFT row {i} of task {cfg.task!r} has no 'completion' field and the task has no reference "
                 "completion for it (no solution field, or for countdown no solution exists): fix or drop the row, "
-                "or give a jsonl of prompt/completion pairs in task.train_file."
+                "or give a jsonl of prompt/completion pairs in train_file."
             )
-        pairs.append((format_prompt(tokenizer, task.messages(row)), completion))
+        pairs.append((prompt_text(tokenizer, row, task), completion))
     return pairs
 
 
@@ -71,7 +72,7 @@ def encode_completions(tokenizer: Any, texts: list[str], length: int, eos_id: in
         too_long += len(ids) == length
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     if too_long:
-        logger.warning("%d completion(s) fill all %d positions and have no end token; raise sampler.gen_length.",
+        logger.warning("%d completion(s) fill all %d positions and have no end token; raise max_completion_length.",
                        too_long, length)
     return out
 
@@ -112,21 +113,21 @@ def masked_diffusion_loss(
     return (weighted.sum(1) / targets.shape[1]).mean()
 
 
-def sft(cfg: Config, resume: bool = False) -> Path:
+def sft(cfg: EGSPOConfig, resume: bool = False) -> Path:
     """Run masked-diffusion SFT; returns the run directory (final weights in its last checkpoint)."""
-    run_dir = Path(cfg.train.output_dir)
-    acc = make_accelerator(cfg.train)
+    run_dir = Path(cfg.output_dir)
+    acc = make_accelerator(cfg)
     check_output_dir(run_dir)
     check_fresh_or_resume(run_dir, resume)
-    set_seed(cfg.train.seed)
-    dlm, tokenizer = load_model(cfg.model, device=acc.device)
-    dlm = prepare_for_training(dlm, cfg.model, need_reference=False)
+    set_seed(cfg.seed)
+    dlm, tokenizer = load_model(cfg.model_config(), device=acc.device)
+    dlm = prepare_for_training(dlm, cfg.model_config(), need_reference=False)
     model = dlm.model
     pairs = sft_pairs(cfg, tokenizer)
-    data = SFTData.encode(tokenizer, pairs, cfg.task.max_prompt_length, cfg.sampler.gen_length, dlm.eos_id)
+    data = SFTData.encode(tokenizer, pairs, cfg.max_prompt_length, cfg.max_completion_length, dlm.eos_id)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.max_steps)
-    model, optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train)
+    optimizer, scheduler = make_optimizer(params, cfg, cfg.max_steps)
+    model, optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg)
     start = 0
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -135,20 +136,20 @@ def sft(cfg: Config, resume: bool = False) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=acc.is_main_process, truncate_after=start)
 
-    batch = cfg.train.per_device_batch_size
+    batch = cfg.per_device_train_batch_size
     global_batch = batch * acc.num_processes
-    gen_len = cfg.sampler.gen_length
+    gen_len = cfg.max_completion_length
     runner = dataclasses.replace(dlm, model=model)
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="egspo sft", disable=not acc.is_main_process)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="egspo sft", disable=not acc.is_main_process)
     model.train()
-    for step in range(start, cfg.train.max_steps):
+    for step in range(start, cfg.max_steps):
         total = 0.0
-        for micro in range(cfg.train.gradient_accumulation_steps):
+        for micro in range(cfg.gradient_accumulation_steps):
             # examples and masks of (step, micro) depend only on the seed: resume repeats them exactly
-            index = (step * cfg.train.gradient_accumulation_steps + micro) * global_batch
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + index)
+            index = (step * cfg.gradient_accumulation_steps + micro) * global_batch
+            gen = stream("sft_noise", cfg.seed, index)
             epoch = index // len(data)
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
+            order = torch.randperm(len(data), generator=stream("sft_order", cfg.seed, epoch))
             picks = order[(index + acc.process_index * batch + torch.arange(batch)) % len(data)]
             ids, mask, targets = data.batch(picks, acc.device)
             t = torch.rand(batch, generator=gen) * (1 - MIN_MASK_PROB) + MIN_MASK_PROB
@@ -162,25 +163,25 @@ def sft(cfg: Config, resume: bool = False) -> Path:
                 loss = masked_diffusion_loss(logits, targets, masked, t.to(acc.device))
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    if cfg.train.max_grad_norm > 0:
-                        clip_gradients(acc, model, cfg.train.max_grad_norm)
+                    if cfg.max_grad_norm > 0:
+                        clip_gradients(acc, model, cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             total += float(loss.detach())
-        avg = float(acc.reduce(torch.tensor(total / cfg.train.gradient_accumulation_steps, device=acc.device),
+        avg = float(acc.reduce(torch.tensor(total / cfg.gradient_accumulation_steps, device=acc.device),
                                reduction="mean"))
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
             metrics.write({"step": done, "loss": avg, "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
         bar.set_postfix(loss=f"{avg:.4f}")
-        if done == cfg.train.max_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+        if done == cfg.max_steps or (cfg.save_steps and done % cfg.save_steps == 0):
             save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, config=cfg,
-                            trainer_state={"examples_seen": done * cfg.train.gradient_accumulation_steps * global_batch},
+                            trainer_state={"examples_seen": done * cfg.gradient_accumulation_steps * global_batch},
                             process_index=acc.process_index, num_processes=acc.num_processes,
-                            wait=acc.wait_for_everyone, keep_last=cfg.train.keep_last, tokenizer=tokenizer)
+                            wait=acc.wait_for_everyone, keep_last=cfg.save_total_limit, tokenizer=tokenizer)
         if math.isnan(avg):
-            raise RuntimeError(f"SFT loss became NaN at step {done}; lower train.learning_rate.")
+            raise RuntimeError(f"SFT loss became NaN at step {done}; lower learning_rate.")
     bar.close()
     return run_dir

@@ -29,42 +29,52 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "llada": ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
     "Dream": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+#: The list the published EGSPO/d1 code passes (Llama names): on LLaDA only q, k, v and up match
+#: (``lora_target_modules: [published]``); on Dream every projection does.
+PUBLISHED_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def lora_target_modules(model: nn.Module, cfg: ModelConfig) -> list[str] | str:
-    """``cfg.lora_target_modules`` if set (``["all-linear"]`` means peft's "all-linear"), else the defaults."""
+    """``cfg.lora_target_modules`` if set (``["all-linear"]`` means peft's "all-linear", ``["published"]`` the
+    published code's list), else the defaults."""
+    if cfg.lora_target_modules == ["published"]:
+        return list(PUBLISHED_LORA_TARGETS)
     if cfg.lora_target_modules:
         return "all-linear" if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
     model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
     return DEFAULT_LORA_TARGETS.get(model_type, "all-linear")
 
 
-def apply_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
-    """Wrap ``model`` in a LoRA adapter (r, alpha, dropout and targets from ``cfg``); base weights frozen.
+def apply_lora(model: nn.Module, cfg: ModelConfig, peft_config: LoraConfig | None = None) -> PeftModel:
+    """Wrap ``model`` in a LoRA adapter (r, alpha, dropout and targets from ``cfg``, or the user's
+    ``peft_config`` as it is); base weights frozen.
 
     LLaDA names its LM head ``ff_out`` like the blocks' MLP output, so the default name list adapts the
     head too, exactly as the published d1/EGSPO LoRA setup does (peft matches names by suffix); list
     the targets explicitly to leave it out. peft's "all-linear" never adapts the head.
     """
     core = unwrap(model)
-    targets = lora_target_modules(core, cfg)
-    lora_config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        task_type=None,
-    )
+    if peft_config is not None:
+        lora_config, targets = peft_config, peft_config.target_modules
+    else:
+        targets = lora_target_modules(core, cfg)
+        lora_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            task_type=None,
+        )
     try:
         peft_model = get_peft_model(core, lora_config)
     except ValueError as exc:
         raise ConfigError(
-            f"model.lora_target_modules={targets!r} does not match the linear layers of "
+            f"lora_target_modules={targets!r} does not match the linear layers of "
             f"{type(core).__name__}: {exc}"
         ) from exc
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", cfg.lora_r, targets, trainable, total)
+    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", lora_config.r, targets, trainable, total)
     return peft_model
 
 
@@ -109,7 +119,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: bool) -> DiffusionLM:
+def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: bool,
+                         peft_config: LoraConfig | None = None) -> DiffusionLM:
     """``dlm`` with its model made trainable as ``cfg`` says (LoRA or full) and the reference policy wired.
 
     ``need_reference`` (the trainer's call, e.g. ``rl.beta > 0``) only matters for full fine-tuning: with
@@ -117,12 +128,17 @@ def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: 
     """
     model = dlm.model
     reference = None
+    already_peft = isinstance(model, PeftModel)
+    if already_peft:  # the user's own adapter: train it, the reference is the adapter-disabled model
+        cfg = dataclasses.replace(cfg, lora=True)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
     if not cfg.lora:
         unwrap(model).requires_grad_(True)
         # Copied before gradient checkpointing is switched on: the reference never runs a backward pass.
         reference = make_reference(model) if need_reference else None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if cfg.lora:
-        model = apply_lora(model, cfg)
+    if cfg.lora and not already_peft:
+        model = apply_lora(model, cfg, peft_config)
     return dataclasses.replace(dlm, model=model, reference=reference)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from egspo.seeding import stream
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ class PromptStream:
     def _order(self, epoch: int) -> torch.Tensor:
         cached = getattr(self, "_cache", None)
         if cached is None or cached[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = stream("prompt_order", self.seed, epoch)
             cached = (epoch, torch.randperm(len(self.rows), generator=generator))
             self._cache = cached
         return cached[1]

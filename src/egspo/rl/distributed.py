@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from egspo.config import ConfigError, RLConfig
+from egspo.config import ConfigError, EGSPOConfig
 from egspo.rl.advantages import group_advantages, stepwise_advantages
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -76,7 +76,7 @@ def global_stepwise_advantages(
     local_rewards: torch.Tensor,
     local_greedy: torch.Tensor | None,
     local_weights: torch.Tensor,
-    rl: RLConfig,
+    rl: EGSPOConfig,
     *,
     gather: Gather,
     process_index: int,
@@ -108,7 +108,7 @@ def global_stepwise_advantages(
 
 
 def global_group_advantages(
-    local_rewards: torch.Tensor, rl: RLConfig, *, gather: Gather, process_index: int
+    local_rewards: torch.Tensor, rl: EGSPOConfig, *, gather: Gather, process_index: int
 ) -> GlobalAdvantages:
     """diffu-GRPO advantages ``r - mean_group(r)`` (SPEC §5) of this process's rows, groups over all processes."""
     all_rewards = gather(local_rewards.float().contiguous())

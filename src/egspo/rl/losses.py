@@ -166,10 +166,12 @@ def diffu_grpo_loss(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     token_mask: torch.Tensor,
-    eps: float,
+    eps_low: float,
+    eps_high: float,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """d1 loss: per-token PPO clip (symmetric ``eps``) + β·k3 KL, averaged over valid tokens of the batch.
+    """d1 loss: per-token PPO clip to [1 - eps_low, 1 + eps_high] (d1: 0.5 both) + β·k3 KL, averaged over the
+    valid tokens of the batch.
 
     ``per_token_logp`` / ``old_logp`` / ``ref_logp`` are (B, L_c) log-probs of the completion tokens
     under the masked estimator, ``advantages`` (B,), ``token_mask`` (B, L_c) bool
@@ -182,7 +184,7 @@ def diffu_grpo_loss(
     cur = torch.where(valid, per_token_logp, zero)
     old = torch.where(valid, old_logp.to(cur.dtype), zero)
     adv = torch.where(valid, advantages.to(cur.dtype).view(-1, 1), zero)
-    surrogate, is_clipped = clipped_surrogate(cur, old, adv, eps, eps)
+    surrogate, is_clipped = clipped_surrogate(cur, old, adv, eps_low, eps_high)
     if ref_logp is not None:
         kl = kl_k3(cur, torch.where(valid, ref_logp.to(cur.dtype), zero))
     else:

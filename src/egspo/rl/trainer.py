@@ -1,15 +1,22 @@
-"""The RL loop on accelerate: rollout -> score -> advantages -> K updates -> log -> checkpoint.
+"""``EGSPOTrainer``: the RL loop on accelerate (rollout -> score -> advantages -> updates -> log -> checkpoint).
 
-    from egspo import load_config
-    from egspo.rl.trainer import train
-    run_dir = train(load_config("configs/tiny_sudoku.yaml", ["train.max_steps=20"]))
+    from egspo import EGSPOConfig, EGSPOTrainer
+    trainer = EGSPOTrainer(model="builtin:sudoku-tiny", reward_funcs=[my_reward], train_dataset=rows,
+                           args=EGSPOConfig(output_dir="runs/x", max_steps=20))
+    trainer.train()                      # or train(resume_from_checkpoint=True | "runs/x/checkpoint-10")
+    trainer.evaluate(); trainer.save_model(); trainer.push_to_hub()
 
-One step: every process rolls out its slice of the global batch (``per_device_batch_size`` rows, the
-G rollouts of a prompt are consecutive rows), rewards are gathered so that group baselines see
+Shaped like TRL's ``GRPOTrainer`` (model, reward_funcs, train_dataset, eval_dataset, args,
+processing_class, peft_config, callbacks); ``algorithm="diffu_grpo"`` runs the d1 baseline through the
+same loop. ``egspo train`` and ``egspo demo`` are thin layers over this class. Without ``train_dataset``
+and ``reward_funcs`` the configured built-in ``task`` supplies both.
+
+One step: every process rolls out its slice of the global batch (``per_device_train_batch_size`` rows,
+the G rollouts of a prompt are consecutive rows), rewards are gathered so that group baselines see
 whole groups, and the update runs on the process's own rows. EGSPO/EGSPO-SA train on K selected
 denoising steps per rollout (micro-batch k = the k-th selected step of every row); diffu-GRPO runs
 ``num_iterations`` masked-estimator passes over the batch. Randomness of step ``s`` is seeded from
-(seed, s, process), so a resumed run repeats the uninterrupted one.
+(seed, s, process), so a resumed run repeats the uninterrupted one (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,42 +36,67 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from tqdm.auto import tqdm
 
-from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_checkpoint, save_checkpoint
-from egspo.config import Config, ConfigError, save_config
-from egspo.models.loading import load_model
+from egspo.checkpoint import (check_fresh_or_resume, latest_checkpoint, list_checkpoints, load_checkpoint,
+                              save_checkpoint)
+from egspo.config import ConfigError, EGSPOConfig, save_config
+from egspo.evaluate import evaluate_rows, get_task_or_fail
+from egspo.models.adapter import DiffusionLM, unwrap
+from egspo.models.loading import as_diffusion_lm, load_model, load_tokenizer
 from egspo.models.lora import prepare_for_training
 from egspo.rl.advantages import zero_variance_groups
-from egspo.rl.distributed import agreed_max, check_launch, global_group_advantages, global_stepwise_advantages
 from egspo.rl.batching import PromptStream, encode_prompts
+from egspo.rl.callbacks import CallbackHandler
+from egspo.rl.data import check_prompts, dataset_rows, is_conversational, prompt_text, reward_prompt
+from egspo.rl.distributed import agreed_max, check_launch, global_group_advantages, global_stepwise_advantages
 from egspo.rl.estimators import action_logps, masked_completion_logps
 from egspo.rl.losses import completion_token_mask, diffu_grpo_loss, egspo_step_loss, kl_exact
-from egspo.rl.metrics import MetricsWriter, step_histogram
+from egspo.rl.metrics import MetricsWriter, read_metrics, step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
 from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
                               prepare_model_and_optimizer, prepare_reference)
 from egspo.sampling import sample
-from egspo.tasks import format_prompt, get_task
+from egspo.seeding import stream
+from egspo.tasks import Task
 from egspo.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM after saving a checkpoint; ``signum`` says which signal."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        super().__init__(f"stopped at step {step} by signal {signum}; checkpoint saved in {run_dir}")
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+
+
+@dataclass
+class TrainOutput:
+    """What ``train()`` returns: the last step, its metrics and the run directory."""
+
+    global_step: int
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
 @dataclass
 class _Batch:
     rows: list[dict[str, Any]]
-    prompts: list[str]
+    prompts: list[Any]
     traj: Trajectory
     completions: list[str]
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and exits."""
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and stops. A second signal
+    stops at once (KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self) -> None:
-        self.raised = False
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -74,8 +108,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        logger.warning("Received signal %d: finishing this step, saving a checkpoint and exiting.", signum)
-        self.raised = True
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second signal {signum}: stopping now, without a checkpoint")
+        logger.warning("Received signal %d: finishing this step, saving a checkpoint and stopping "
+                       "(send it again to stop at once).", signum)
+        self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -89,87 +126,187 @@ def _check_rows(rows: list[dict[str, Any]], fields: tuple[str, ...], where: str)
             raise ConfigError(f"{where}: row {i} lacks column(s) {missing} that the task's rewards need.")
 
 
-class RLTrainer:
-    """Holds the model, optimizer and data of one RL run; ``run()`` trains to ``train.max_steps``."""
+def _writable_target(path: Path) -> None:
+    """Refuse an output_dir that cannot be created or written, without creating it (nothing half-made)."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output_dir={str(path)!r} is not writable: {probe} is a file.")
+    import os
 
-    def __init__(self, cfg: Config, resume: bool = False, accelerator: Accelerator | None = None) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(cfg.train.output_dir)
-        self.accelerator = accelerator or make_accelerator(cfg.train)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={str(path)!r} is not writable: no write permission in {probe}.")
+
+
+class EGSPOTrainer:
+    """RL fine-tuning of a diffusion LM with EGSPO-SA, EGSPO or diffu-GRPO (``args.algorithm``).
+
+    Args:
+        model: a local directory, hub name or ``builtin:NAME`` (default ``args.model_name_or_path``), or a
+            loaded masked diffusion LM (an egspo LLaDA/Dream model, any ``AutoModelForMaskedLM``, or a peft
+            model whose adapter is then trained).
+        reward_funcs: reward functions in TRL's signature ``fn(prompts, completions, completion_ids,
+            **columns) -> list[float | None]``: callables, partials, objects with ``__call__`` or
+            ``"module:function"`` strings. Default: the built-in task's. ``args.reward_funcs`` are added.
+        train_dataset / eval_dataset: a list of dicts, a ``datasets.Dataset`` or an iterable dataset with a
+            ``prompt`` column (text, or chat messages) and whatever columns the rewards read. Default: the
+            task's data (``args.train_file`` / ``eval_file`` or its generator).
+        args: the :class:`EGSPOConfig`.
+        processing_class: the tokenizer (default: the model's).
+        peft_config: a ``peft.LoraConfig`` used instead of ``args.lora_*``.
+        callbacks: ``transformers.TrainerCallback`` objects (see :mod:`egspo.rl.callbacks`).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | nn.Module | None = None,
+        reward_funcs: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        args: EGSPOConfig | None = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        *,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        if args is None:
+            args = EGSPOConfig()
+        if not isinstance(args, EGSPOConfig):
+            raise TypeError(f"args must be an egspo.EGSPOConfig, got {type(args).__name__} (a TRL GRPOConfig or "
+                            "TrainingArguments does not carry the diffusion settings).")
+        self.args = cfg = args
+        self.run_dir = Path(cfg.output_dir)
+        self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         check_launch(acc.num_processes)
         cfg.validate(num_processes=acc.num_processes)
-        updates = cfg.rl.num_iterations if cfg.rl.algorithm == "diffu_grpo" else (
-            cfg.rl.num_selected_steps // cfg.rl.steps_per_microbatch)
-        if cfg.rl.step_selection != "adaptive" and updates % cfg.train.gradient_accumulation_steps:
+        # micro-batches (backward passes) per training step
+        updates = cfg.num_iterations * cfg.gradient_accumulation_steps if cfg.algorithm == "diffu_grpo" else (
+            cfg.num_selected_steps // cfg.steps_per_microbatch)
+        if cfg.step_selection != "adaptive" and updates % cfg.gradient_accumulation_steps:
             raise ConfigError(
-                f"{updates} micro-batches per rollout batch is not a multiple of train.gradient_accumulation_steps="
-                f"{cfg.train.gradient_accumulation_steps}: gradients would carry over between rollout batches."
-            )
-        check_output_dir(self.run_dir)
-        check_fresh_or_resume(self.run_dir, resume)
-        set_seed(cfg.train.seed)
+                f"{updates} micro-batches per rollout batch is not a multiple of gradient_accumulation_steps="
+                f"{cfg.gradient_accumulation_steps}: gradients would carry over between rollout batches.")
+        _writable_target(self.run_dir)
+        set_seed(cfg.seed)
+        self.sampler_cfg = cfg.rollout_sampler()
 
-        self.task = get_task(cfg.task.name)
-        self.train_rows = self.task.load(cfg.task.train_file, "train", cfg.task.num_train, cfg.train.seed,
-                                         **cfg.task.options)
-        _check_rows(self.train_rows, self.task.answer_fields, cfg.task.train_file or f"{cfg.task.name} generator")
-        self.scorer = RewardScorer.for_task(self.task, cfg.task.extra_reward_funcs, cfg.task.reward_weights)
-
-        dlm, self.tokenizer = load_model(cfg.model, device=acc.device)
-        if cfg.sampler.cache != "none" and not dlm.native:
+        self._setup_data(reward_funcs, train_dataset, eval_dataset)
+        self._setup_model(model, processing_class, peft_config)
+        params = [p for p in self.dlm.model.parameters() if p.requires_grad]
+        optimizer_steps = math.ceil(cfg.max_steps * updates / cfg.gradient_accumulation_steps)
+        optimizer, self.scheduler = make_optimizer(params, cfg, optimizer_steps)
+        model_prepared, self.optimizer = prepare_model_and_optimizer(acc, self.dlm.model, optimizer, cfg)
+        self.dlm = dataclasses.replace(self.dlm, model=model_prepared,
+                                       reference=prepare_reference(acc, self.dlm.reference))
+        if self.dlm.sharded and cfg.rollout_cache != "none":
             raise ConfigError(
-                f"sampler.cache={cfg.sampler.cache!r} needs the native LLaDA or Dream models; "
-                f"{cfg.model.name_or_path} loads as a generic masked LM: use sampler.cache=none."
-            )
-        dlm = prepare_for_training(dlm, cfg.model, need_reference=cfg.rl.beta > 0)
-        model = dlm.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer_steps = math.ceil(cfg.train.max_steps * updates / cfg.train.gradient_accumulation_steps)
-        optimizer, self.scheduler = make_optimizer(params, cfg.train, optimizer_steps)
-        model, self.optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg.train)
-        self.dlm = dataclasses.replace(dlm, model=model, reference=prepare_reference(acc, dlm.reference))
-        if self.dlm.sharded and cfg.sampler.cache != "none":
-            raise ConfigError(
-                f"sampler.cache={cfg.sampler.cache!r} is not supported with a sharded model (FSDP / ZeRO-3): "
-                "use sampler.cache=none, or DDP / ZeRO-2."
-            )
-
-        global_rows = cfg.train.per_device_batch_size * acc.num_processes
-        self.stream = PromptStream(self.train_rows, global_rows // cfg.rl.num_generations, cfg.train.seed)
+                f"rollout_cache={cfg.rollout_cache!r} is not supported with a sharded model (FSDP / ZeRO-3): use "
+                "rollout_cache=none, or DDP / ZeRO-2.")
+        global_rows = cfg.per_device_train_batch_size * acc.num_processes
+        self.stream = PromptStream(self.train_rows, global_rows // cfg.num_generations, cfg.seed)
+        self.callbacks = CallbackHandler(callbacks or [], cfg, cfg.max_steps)
         self.start_step = 0
-        if resume:
-            ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is None:
-                logger.warning("--resume: no checkpoint in %s, starting from scratch.", self.run_dir)
-            else:
-                state = load_checkpoint(ckpt, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                        process_index=acc.process_index)
-                self.start_step = state["step"]
-        if acc.is_main_process:
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process,
-                                     truncate_after=self.start_step)
-        if cfg.train.report_to:
-            acc.init_trackers("egspo", config=_flat(cfg.to_dict()))
+        self.best: tuple[float, Path] | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The policy being trained (a peft model under LoRA), without DDP/FSDP/DeepSpeed wrappers."""
+        return self.accelerator.unwrap_model(self.dlm.model)
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _setup_data(self, reward_funcs: Any, train_dataset: Any, eval_dataset: Any) -> None:
+        cfg = self.args
+        task = get_task_or_fail(cfg.task)
+        if train_dataset is None:
+            try:
+                self.train_rows = task.load(cfg.train_file, "train", cfg.num_train, cfg.seed, **cfg.task_options)
+            except (TypeError, ValueError) as exc:
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(f"task={cfg.task!r}: could not load the training data from "
+                                  f"{cfg.train_file or 'its generator'}: {exc}") from exc
+            where = cfg.train_file or f"{cfg.task} generator"
+        else:
+            self.train_rows = dataset_rows(train_dataset, "train_dataset")
+            where = "train_dataset"
+        user_prompts = "prompt" in self.train_rows[0]
+        # the task reads rows without a prompt column (its own rows); user prompts make it a custom run
+        self.task: Task | None = task if not user_prompts or task.name == "custom" else None
+        check_prompts(self.train_rows, None if user_prompts else task, where)
+        self.conversational = is_conversational(self.train_rows[0])
+        self._eval_dataset = eval_dataset
+        self._eval_rows: list[dict[str, Any]] | None = None
+        task_functions = task.reward_functions() if reward_funcs is None else []
+        if reward_funcs is not None and not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]
+        if task_functions:
+            _check_rows(self.train_rows, task.answer_fields, where)
+        self.scorer = RewardScorer.build(task_functions, [*(reward_funcs or []), *cfg.reward_funcs],
+                                         cfg.reward_weights, columns=sorted(self.train_rows[0]))
+
+    def _setup_model(self, model: Any, processing_class: Any, peft_config: Any) -> None:
+        cfg, acc = self.args, self.accelerator
+        if model is None:
+            model = cfg.model_name_or_path
+        if isinstance(model, (str, Path)):
+            self.model_id = str(model)
+            dlm, tokenizer = load_model(cfg.model_config(self.model_id), device=acc.device)
+        elif isinstance(model, nn.Module):
+            self.model_id = str(getattr(unwrap(model), "name_or_path", "") or cfg.model_name_or_path)
+            tokenizer = processing_class or load_tokenizer(cfg.model_config(self.model_id))
+            dlm = as_diffusion_lm(model.to(acc.device), tokenizer)
+        else:
+            raise TypeError(f"model must be a name, a path or a loaded model, got {type(model).__name__}.")
+        if processing_class is not None:
+            tokenizer = processing_class
+            tokenizer.padding_side = "left"
+        self.processing_class = tokenizer
+        if cfg.rollout_cache != "none" and not dlm.native:
+            raise ConfigError(
+                f"rollout_cache={cfg.rollout_cache!r} needs the native LLaDA or Dream models; {self.model_id} loads "
+                "as a generic masked LM: use rollout_cache=none.")
+        model_cfg = cfg.model_config(self.model_id)
+        if peft_config is not None:
+            model_cfg = dataclasses.replace(model_cfg, lora=True)
+        if (model_cfg.lora and (peft_config.lora_dropout if peft_config is not None else cfg.lora_dropout) > 0):
+            logger.warning("LoRA dropout > 0: rollouts run in eval mode (no dropout) and updates in train mode, so "
+                           "the policy ratio is not 1 at the first update; RL runs usually set lora_dropout=0.")
+        dlm = prepare_for_training(dlm, model_cfg, need_reference=cfg.beta > 0, peft_config=peft_config)
+        peft_configs = getattr(dlm.model, "peft_config", None)
+        if isinstance(peft_configs, dict):  # record the base as named, not where it was installed
+            for adapter in peft_configs.values():
+                adapter.base_model_name_or_path = self.model_id
+        self.dlm = dlm
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def _completion_ids(self, completions: torch.Tensor) -> list[list[int]]:
+        """Each row's completion tokens up to its first end token (what TRL's ``completion_ids`` holds)."""
+        mask = completion_token_mask(completions, self.dlm.stop_ids)
+        lengths = mask.sum(1).tolist()
+        return [row[:n] for row, n in zip(completions.tolist(), lengths, strict=True)]
 
     # -- one step ---------------------------------------------------------------------------------
 
     def _rollout(self, step: int) -> _Batch:
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc = self.args, self.accelerator
         group_rows = self.stream.batch(step)
-        rows_global = [row for row in group_rows for _ in range(cfg.rl.num_generations)]
-        b = cfg.train.per_device_batch_size
+        rows_global = [row for row in group_rows for _ in range(cfg.num_generations)]
+        b = cfg.per_device_train_batch_size
         rows = rows_global[acc.process_index * b : (acc.process_index + 1) * b]
-        prompts = [format_prompt(self.tokenizer, self.task.messages(row)) for row in rows]
-        ids, mask = encode_prompts(self.tokenizer, prompts, cfg.task.max_prompt_length, acc.device)
-        generator = torch.Generator(device=acc.device).manual_seed(
-            cfg.train.seed * 1_000_003 + step * 1009 + acc.process_index)
+        prompts = [prompt_text(self.processing_class, row, self.task) for row in rows]
+        ids, mask = encode_prompts(self.processing_class, prompts, cfg.max_prompt_length, acc.device)
+        generator = stream("rollout", cfg.seed, step, acc.process_index, device=acc.device)
         with acc.autocast():
-            traj = sample(self.dlm, ids, cfg.sampler, attention_mask=mask, generator=generator,
-                          record_greedy=cfg.rl.algorithm != "diffu_grpo" and bool(cfg.rl.stepwise_lambda))
-        completions = self.tokenizer.batch_decode(traj.completions, skip_special_tokens=True)
-        return _Batch(rows=rows, prompts=prompts, traj=traj, completions=completions)
+            traj = sample(self.dlm, ids, self.sampler_cfg, attention_mask=mask, generator=generator,
+                          record_greedy=cfg.algorithm != "diffu_grpo" and bool(cfg.stepwise_lambda))
+        completions = self.processing_class.batch_decode(traj.completions, skip_special_tokens=True)
+        return _Batch(rows=rows, prompts=[reward_prompt(row, text) for row, text in zip(rows, prompts, strict=True)],
+                      traj=traj, completions=completions)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(x.to(self.accelerator.device).contiguous()).cpu()
@@ -177,51 +314,62 @@ class RLTrainer:
     def _agreed_k(self, k: int) -> int:
         return agreed_max(k, self._gather)
 
-    def step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        timings: dict[str, float] = {}
+    def _rollout_and_score(self, index: int, timings: dict[str, float]) -> tuple[_Batch, torch.Tensor, dict[str, Any]]:
+        """Rollout batch ``index`` of the run, its rewards (this process's rows) and the batch metrics."""
+        cfg = self.args
         t0 = time.perf_counter()
-        batch = self._rollout(step)
-        timings["time/rollout"] = time.perf_counter() - t0
-
+        batch = self._rollout(index)
+        timings["time/rollout"] = timings.get("time/rollout", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        rewards, per_fn = self.scorer.score(batch.prompts, batch.completions, batch.rows)
+        rewards, per_fn = self.scorer.score(batch.prompts, batch.completions, batch.rows,
+                                            completion_ids=self._completion_ids(batch.traj.completions),
+                                            conversational=self.conversational)
         all_rewards = self._gather(rewards)
-        metrics: dict[str, float] = {
+        metrics: dict[str, Any] = {
             "reward/mean": float(all_rewards.mean()),
             "reward/std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
-            "zero_variance_groups": zero_variance_groups(all_rewards, cfg.rl.num_generations),
+            "zero_variance_groups": zero_variance_groups(all_rewards, cfg.num_generations),
         }
         all_fn = self._gather(per_fn)
         for j, name in enumerate(self.scorer.names):
             col = all_fn[:, j]
             metrics[f"reward/{name}/mean"] = float(col.nanmean()) if (~col.isnan()).any() else float("nan")
             metrics[f"reward/{name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
-        task_metrics = self.task.metrics(batch.completions, batch.rows)
-        metrics["accuracy"] = float(self._gather(torch.tensor([task_metrics["accuracy"]])).mean())
+        if self.task is not None:
+            task_metrics = self.task.metrics(batch.completions, batch.rows)
+            metrics["accuracy"] = float(self._gather(torch.tensor([task_metrics["accuracy"]])).mean())
         metrics["completion_tokens"] = float(self._gather(
             completion_token_mask(batch.traj.completions, self.dlm.stop_ids).sum(1).float()).mean())
+        timings["time/score"] = timings.get("time/score", 0.0) + time.perf_counter() - t0
+        return batch, rewards, metrics
 
-        if cfg.rl.algorithm == "diffu_grpo":
-            timings["time/score"] = time.perf_counter() - t0
+    def step(self, step: int) -> dict[str, Any]:
+        """One training step: a rollout batch and its K micro-batch updates (EGSPO), or d1's generation
+        cycle (diffu-GRPO: ``gradient_accumulation_steps`` rollout batches, ``num_iterations`` optimizer steps)."""
+        if self.args.algorithm == "diffu_grpo":
+            return self._diffu_grpo_step(step)
+        cfg = self.args
+        timings: dict[str, float] = {}
+        batch, rewards, metrics = self._rollout_and_score(step, timings)
+        t0 = time.perf_counter()
+        selected = self._select(batch.traj, step)
+        adv, score_metrics = self._egspo_advantages(batch, selected, rewards)
+        metrics.update(score_metrics)
+        timings["time/score"] += time.perf_counter() - t0
+        old_logps = None
+        if cfg.rollout_cache != "none":
             t0 = time.perf_counter()
-            metrics.update(self._update_diffu_grpo(batch, rewards, step))
-        else:
-            selected = self._select(batch.traj, step)
-            adv, score_metrics = self._egspo_advantages(batch, selected, rewards)
-            metrics.update(score_metrics)
-            timings["time/score"] = time.perf_counter() - t0
-            old_logps = None
-            if cfg.sampler.cache != "none":
-                t0 = time.perf_counter()
-                old_logps, gap = self._exact_old_logps(batch.traj, selected)
-                metrics["approx/old_logp_gap"] = gap
-                timings["time/old_logps"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            metrics.update(self._update_egspo(batch, selected, adv, old_logps))
+            old_logps, gap = self._exact_old_logps(batch.traj, selected)
+            metrics["approx/old_logp_gap"] = gap
+            timings["time/old_logps"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics.update(self._update_egspo(batch, selected, adv, old_logps))
         timings["time/update"] = time.perf_counter() - t0
+        return self._step_metrics(metrics, timings, [batch])
+
+    def _step_metrics(self, metrics: dict[str, Any], timings: dict[str, float], batches: list[_Batch]) -> dict[str, Any]:
         metrics.update(timings)
-        total_tokens = float(self._gather(torch.tensor([batch.traj.sequences.numel()])).sum())
+        total_tokens = float(self._gather(torch.tensor([sum(b.traj.sequences.numel() for b in batches)])).sum())
         metrics["tokens_per_second"] = total_tokens / max(sum(timings.values()), 1e-9)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
@@ -229,33 +377,33 @@ class RLTrainer:
     # -- EGSPO / EGSPO-SA ---------------------------------------------------------------------------
 
     def _select(self, traj: Trajectory, step: int) -> SelectedSteps:
-        cfg = self.cfg
-        generator = torch.Generator(device=traj.step_entropy.device).manual_seed(
-            cfg.train.seed * 7919 + step * 31 + self.accelerator.process_index)
+        cfg = self.args
+        generator = stream("selection", cfg.seed, step, self.accelerator.process_index, device=traj.step_entropy.device)
         return select_steps(
-            traj.step_entropy, cfg.rl.num_selected_steps, cfg.rl.step_selection,
+            traj.step_entropy, cfg.num_selected_steps, cfg.step_selection,
             valid_steps=traj.valid_steps, last_content_step=traj.last_content_step,
-            stop_at_last_content=cfg.rl.stop_at_last_content, alpha=cfg.rl.adaptive_alpha,
+            stop_at_last_content=cfg.stop_at_last_content, alpha=cfg.adaptive_alpha,
             generator=generator, k_max_reduce=self._agreed_k,
         )
 
     def _egspo_advantages(
         self, batch: _Batch, selected: SelectedSteps, rewards: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc = self.args, self.accelerator
         traj = batch.traj
         k = selected.steps.shape[1]
         metrics: dict[str, float] = {}
         greedy_rewards = None
-        if cfg.rl.stepwise_lambda:
+        if cfg.stepwise_lambda:
             greedy = traj.greedy_completions(selected.steps)  # (B, K, L_c)
-            texts = self.tokenizer.batch_decode(greedy.flatten(0, 1), skip_special_tokens=True)
+            texts = self.processing_class.batch_decode(greedy.flatten(0, 1), skip_special_tokens=True)
             rows = [row for row in batch.rows for _ in range(k)]
             prompts = [p for p in batch.prompts for _ in range(k)]
-            greedy_rewards, _ = self.scorer.score(prompts, texts, rows,
-                                                  correctness_only=cfg.rl.step_reward_correctness_only)
+            greedy_rewards, _ = self.scorer.score(
+                prompts, texts, rows, completion_ids=self._completion_ids(greedy.flatten(0, 1)),
+                conversational=self.conversational, correctness_only=cfg.step_reward_correctness_only)
             greedy_rewards = greedy_rewards.view(-1, k)
-        result = global_stepwise_advantages(rewards, greedy_rewards, selected.weights.float(), cfg.rl,
+        result = global_stepwise_advantages(rewards, greedy_rewards, selected.weights.float(), cfg,
                                             gather=self._gather, process_index=acc.process_index)
         adv = result.local
         if greedy_rewards is not None:
@@ -299,13 +447,23 @@ class RLTrainer:
     ) -> dict[str, float]:
         """K micro-batch updates; ``old_logps`` (B, K) replaces the sampler's recorded step log-probs
         (the exact ones of an approximate, cached rollout)."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc = self.args, self.accelerator
         traj = batch.traj.to(acc.device)
         steps_all = selected.steps.to(acc.device)
         weights_all = selected.weights.to(acc.device)
-        per_mb = cfg.rl.steps_per_microbatch
-        exact = cfg.rl.kl_estimator == "exact"
-        agg = cfg.rl.logp_aggregation
+        per_mb = cfg.steps_per_microbatch
+        # An adaptive K need not fill whole optimizer steps: pad with zero-weight slots so that the last
+        # optimizer step of this batch is complete and no gradient carries over into the next batch.
+        group = per_mb * cfg.gradient_accumulation_steps
+        pad = -steps_all.shape[1] % group
+        if pad:
+            steps_all = torch.cat([steps_all, steps_all[:, -1:].expand(-1, pad)], dim=1)
+            weights_all = torch.cat([weights_all, weights_all.new_zeros(weights_all.shape[0], pad)], dim=1)
+            adv = torch.cat([adv, adv.new_zeros(adv.shape[0], pad)], dim=1)
+            if old_logps is not None:
+                old_logps = torch.cat([old_logps, old_logps[:, -1:].expand(-1, pad)], dim=1)
+        exact = cfg.kl_estimator == "exact"
+        agg = cfg.logp_aggregation
         sums: dict[str, float] = {}
         n_mb = 0
         self.dlm.model.train()
@@ -322,10 +480,10 @@ class RLTrainer:
             else:
                 old = old_logps[:, cols].T.reshape(-1)
             ntok = sub.tokens_per_step.gather(1, steps.unsqueeze(1)).squeeze(1)
-            if cfg.rl.logp_aggregation == "mean":
+            if cfg.logp_aggregation == "mean":
                 old = old / ntok.clamp_min(1)
             ref_logp, ref_logits = None, None
-            if cfg.rl.beta > 0:
+            if cfg.beta > 0:
                 with torch.no_grad(), self.dlm.reference_model() as ref, acc.autocast():
                     ref_logp, _, _, ref_logits = action_logps(self.dlm, sub, steps, aggregation=agg, model=ref,
                                                               with_logits=exact)
@@ -334,8 +492,8 @@ class RLTrainer:
                 kl = kl_exact(logits, ref_logits, valid) if exact and ref_logits is not None else None
                 loss, stats = egspo_step_loss(
                     logp, old, ref_logp, advantages, weights, num_tokens,
-                    eps_low=cfg.rl.epsilon_low, eps_high=cfg.rl.epsilon_high, beta=cfg.rl.beta,
-                    aggregation=cfg.rl.logp_aggregation, kl=kl,
+                    eps_low=cfg.epsilon, eps_high=cfg.epsilon_high, beta=cfg.beta,
+                    aggregation=cfg.logp_aggregation, kl=kl,
                 )
                 acc.backward(loss)
                 self._optimizer_step(sums)
@@ -347,50 +505,80 @@ class RLTrainer:
 
     # -- diffu-GRPO ---------------------------------------------------------------------------------
 
-    def _update_diffu_grpo(self, batch: _Batch, rewards: torch.Tensor, step: int) -> dict[str, float]:
+    def _diffu_grpo_step(self, step: int) -> dict[str, Any]:
+        """d1's schedule (TRL's GRPOTrainer with ``num_iterations``): one rollout batch per accumulation slot,
+        then ``num_iterations`` optimizer steps that each accumulate every slot's batch, iteration i with mask
+        seed i (docs/algorithm.md#diffu-grpo-the-baseline)."""
+        cfg = self.args
+        slots = cfg.gradient_accumulation_steps
+        timings: dict[str, float] = {}
+        batches, advantages, per_batch = [], [], []
+        for slot in range(slots):
+            batch, rewards, metrics = self._rollout_and_score(step * slots + slot, timings)
+            batches.append(batch)
+            advantages.append(global_group_advantages(rewards, cfg, gather=self._gather,
+                                                      process_index=self.accelerator.process_index).local)
+            per_batch.append(metrics)
+        metrics = {key: sum(m[key] for m in per_batch) / slots for key in per_batch[0]
+                   if isinstance(per_batch[0][key], (int, float))}
+        t0 = time.perf_counter()
+        metrics.update(self._update_diffu_grpo(batches, advantages, step))
+        timings["time/update"] = time.perf_counter() - t0
+        return self._step_metrics(metrics, timings, batches)
+
+    def mask_seeds(self, step: int) -> list[int]:
+        """The ``num_iterations`` mask seeds of diffu-GRPO's generation cycle ``step`` (a dedicated generator)."""
+        seed_gen = stream("mask_seeds", self.args.seed, step)
+        return torch.randint(0, 2**31 - 1, (self.args.num_iterations,), generator=seed_gen).tolist()
+
+    def _update_diffu_grpo(self, batches: list[_Batch], advantages: list[torch.Tensor], step: int) -> dict[str, float]:
         # Old, reference and current log-probs all come from the masked estimator on the final
         # sequences, never from the sampler's recorded log-probs: an approximate (cached) rollout
         # changes which completions are sampled but leaves this ratio exact.
-        cfg, acc = self.cfg, self.accelerator
-        traj = batch.traj.to(acc.device)
-        adv = global_group_advantages(rewards, cfg.rl, gather=self._gather,
-                                      process_index=acc.process_index).local.to(acc.device)
-        token_mask = completion_token_mask(traj.completions, self.dlm.stop_ids)
-        seed_gen = torch.Generator().manual_seed(cfg.train.seed * 104_729 + step)
-        seeds = torch.randint(0, 2**31 - 1, (cfg.rl.num_iterations,), generator=seed_gen).tolist()
-        p_mask = cfg.rl.p_mask_prompt
+        cfg, acc = self.args, self.accelerator
+        trajs = [batch.traj.to(acc.device) for batch in batches]
+        advs = [adv.to(acc.device) for adv in advantages]
+        token_masks = [completion_token_mask(traj.completions, self.dlm.stop_ids) for traj in trajs]
+        seeds = self.mask_seeds(step)
+        p_mask = cfg.p_mask_prompt
         self.dlm.model.eval()
-        old, ref = [], []
+        # old[j][i] / ref[j][i]: batch j under mask seed i, before any update of this cycle
+        old: list[list[torch.Tensor | None]] = []
+        ref: list[list[torch.Tensor | None]] = []
         with torch.no_grad(), acc.autocast():
-            for seed in seeds:
-                old.append(masked_completion_logps(self.dlm, traj, seed, p_mask) if cfg.rl.num_iterations > 1 else None)
-                if cfg.rl.beta > 0:
+            for traj in trajs:
+                old.append([masked_completion_logps(self.dlm, traj, seed, p_mask) if cfg.num_iterations > 1 else None
+                            for seed in seeds])
+                if cfg.beta > 0:
                     with self.dlm.reference_model() as ref_model:
-                        ref.append(masked_completion_logps(self.dlm, traj, seed, p_mask, model=ref_model))
+                        ref.append([masked_completion_logps(self.dlm, traj, seed, p_mask, model=ref_model)
+                                    for seed in seeds])
                 else:
-                    ref.append(None)
+                    ref.append([None] * len(seeds))
         self.dlm.model.train()
         sums: dict[str, float] = {}
-        for i, seed in enumerate(seeds):
-            with acc.accumulate(self.dlm.model), acc.autocast():
-                logp = masked_completion_logps(self.dlm, traj, seed, p_mask)
-                old_i = old[i] if old[i] is not None else logp.detach()
-                loss, stats = diffu_grpo_loss(logp, old_i, ref[i], adv, token_mask,
-                                              eps=cfg.rl.epsilon_high, beta=cfg.rl.beta)
-                acc.backward(loss)
-                self._optimizer_step(sums)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        return self._reduce(_means(sums, len(seeds)))
+        for i, seed in enumerate(seeds):  # one optimizer step per iteration, accumulating every slot's batch
+            for j, traj in enumerate(trajs):
+                with acc.accumulate(self.dlm.model), acc.autocast():
+                    logp = masked_completion_logps(self.dlm, traj, seed, p_mask)
+                    old_ij = old[j][i]
+                    loss, stats = diffu_grpo_loss(logp, logp.detach() if old_ij is None else old_ij, ref[j][i],
+                                                  advs[j], token_masks[j], eps_low=cfg.epsilon,
+                                                  eps_high=cfg.epsilon_high, beta=cfg.beta)
+                    acc.backward(loss)
+                    self._optimizer_step(sums)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        return self._reduce(_means(sums, len(seeds) * len(trajs)))
 
     # -- shared -------------------------------------------------------------------------------------
 
     def _optimizer_step(self, sums: dict[str, float]) -> None:
         acc = self.accelerator
         if acc.sync_gradients:
-            if self.cfg.train.max_grad_norm > 0:
-                norm = clip_gradients(acc, self.dlm.model, self.cfg.train.max_grad_norm)
+            if self.args.max_grad_norm > 0:
+                norm = clip_gradients(acc, self.dlm.model, self.args.max_grad_norm)
                 if norm is not None:
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
                     sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
@@ -406,46 +594,223 @@ class RLTrainer:
         mean = self.accelerator.reduce(tensor, reduction="mean")
         return {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
 
-    def save(self, step: int) -> Path:
-        acc = self.accelerator
-        return save_checkpoint(
-            self.run_dir, step, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            config=self.cfg, trainer_state={"data_position": step * self.stream.prompts_per_step},
-            process_index=acc.process_index, num_processes=acc.num_processes, wait=acc.wait_for_everyone,
-            keep_last=self.cfg.train.keep_last, tokenizer=self.tokenizer,
-        )
+    # -- checkpoints, evaluation, the loop --------------------------------------------------------
 
-    def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-        cfg, acc = self.cfg, self.accelerator
-        bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, desc="egspo train",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
-        step = self.start_step
+    def _save(self, step: int) -> Path:
+        acc = self.accelerator
+        path = save_checkpoint(
+            self.run_dir, step, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            config=self.args, trainer_state={"data_position": step * self.stream.prompts_per_step,
+                                             "best": None if self.best is None else [self.best[0], self.best[1].name]},
+            process_index=acc.process_index, num_processes=acc.num_processes, wait=acc.wait_for_everyone,
+            keep_last=self.args.save_total_limit, tokenizer=self.processing_class,
+            protect=None if self.best is None else self.best[1],
+        )
+        self.callbacks("on_save", trainer=self, checkpoint=path)
+        return path
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        """The evaluation rows: ``eval_dataset``, else the task's test data (``eval_file`` or its generator)."""
+        if self._eval_rows is None:
+            cfg = self.args
+            if self._eval_dataset is not None:
+                rows = dataset_rows(self._eval_dataset, "eval_dataset")
+                check_prompts(rows, None if "prompt" in rows[0] else get_task_or_fail(cfg.task), "eval_dataset")
+            elif self.task is not None and not (self.task.name == "custom" and cfg.eval_file is None):
+                rows = self.task.load(cfg.eval_file, "test", cfg.num_eval, cfg.seed, **cfg.task_options)
+            else:
+                raise ConfigError("No evaluation data: pass eval_dataset=... to EGSPOTrainer or set eval_file.")
+            self._eval_rows = rows[: cfg.eval_limit] if cfg.eval_limit is not None else rows
+        return self._eval_rows
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
+        """Greedy generation (the eval settings) on the evaluation rows at every eval completion length:
+        the task's metrics and the mean reward, as ``eval_{metric}`` (``eval_{metric}_{L}`` with several
+        lengths). Each process generates a share of the rows."""
+        cfg, acc = self.args, self.accelerator
+        if eval_dataset is not None:
+            self._eval_dataset, self._eval_rows = eval_dataset, None
+        rows = self.eval_rows()
+        eval_cfg = cfg.eval_config()
+        n = acc.num_processes
+        share = rows[acc.process_index::n] or rows[:1]
+        padded = share + share[-1:] * (math.ceil(len(rows) / n) - len(share))  # same forwards on every process
+        results: dict[str, float] = {}
+        for length in eval_cfg.gen_lengths:
+            with self.dlm.evaluating():
+                completions, _ = evaluate_rows(self.dlm, self.processing_class, self.task, padded,
+                                               eval_cfg.sampler_for(length), batch_size=eval_cfg.batch_size,
+                                               seed=cfg.seed, metrics=False)
+            completions = completions[: len(share)]
+            local = dict(self.task.metrics(completions, share)) if self.task is not None else {}
+            prompts = [reward_prompt(row, prompt_text(self.processing_class, row, self.task, for_eval=True))
+                       for row in share]
+            rewards, _ = self.scorer.score(prompts, completions, share, conversational=self.conversational)
+            local["reward"] = float(rewards.mean())
+            keys = sorted(k for k, v in local.items() if isinstance(v, (int, float)))
+            values = torch.tensor([[float(local[k]) * len(share) for k in keys] + [len(share)]], device=acc.device)
+            totals = acc.gather(values).sum(0)
+            suffix = f"_{length}" if len(eval_cfg.gen_lengths) > 1 else ""
+            for i, key in enumerate(keys):
+                results[f"eval_{key}{suffix}"] = float(totals[i] / totals[-1])
+        self.callbacks("on_evaluate", trainer=self, metrics=results)
+        return results
+
+    def _eval_score(self, metrics: dict[str, float]) -> float:
+        """The number ``load_best_model_at_end`` maximises: eval accuracy (first length), else eval reward."""
+        for key in sorted(metrics):
+            if key.startswith("eval_accuracy") and not math.isnan(metrics[key]):
+                return metrics[key]
+        return next(v for k, v in sorted(metrics.items()) if k.startswith("eval_reward"))
+
+    def _resume_point(self, resume_from_checkpoint: bool | str | Path | None) -> Path | None:
+        if not resume_from_checkpoint:
+            check_fresh_or_resume(self.run_dir, resume=False)
+            return None
+        if resume_from_checkpoint is True:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                logger.warning("resume_from_checkpoint: no checkpoint in %s, starting from scratch.", self.run_dir)
+            return ckpt
+        path = Path(resume_from_checkpoint)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint directory "
+                              "(no trainer_state.json).")
+        return path
+
+    def train(self, resume_from_checkpoint: bool | str | Path | None = None) -> TrainOutput:
+        """Train to ``max_steps``; ``resume_from_checkpoint`` True (the newest intact checkpoint of
+        output_dir) or a checkpoint directory continues a run exactly. SIGINT/SIGTERM save a checkpoint
+        and raise :class:`TrainingInterrupted`. A run that fails before its first step removes the
+        output directory it created."""
+        cfg, acc = self.args, self.accelerator
+        ckpt = self._resume_point(resume_from_checkpoint)
+        created = not self.run_dir.exists()
+        check_output_dir(self.run_dir)
+        step, metrics = self.start_step, {}
+        try:
+            if ckpt is not None:
+                state = load_checkpoint(ckpt, model=self.dlm.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, process_index=acc.process_index)
+                step = self.start_step = state["step"]
+                if state.get("best"):
+                    self.best = (state["best"][0], self.run_dir / state["best"][1])
+            if step >= cfg.max_steps:
+                logger.info("%s already finished (step %d of max_steps=%d): nothing to do.", self.run_dir, step,
+                            cfg.max_steps)
+                return TrainOutput(step, {}, self.run_dir)
+            if acc.is_main_process:
+                save_config(cfg, self.run_dir / "config.yaml")
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process,
+                                         truncate_after=step)
+            if cfg.report_to:
+                acc.init_trackers("egspo", config=_flat(cfg.to_dict()))
+            self.callbacks.state.global_step = step
+            self.callbacks("on_train_begin", trainer=self)
+            step, metrics = self._loop(step)
+        except BaseException:
+            if created and step == self.start_step and acc.is_main_process and not list_checkpoints(self.run_dir):
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing half-made
+            raise
+        return TrainOutput(step, metrics, self.run_dir)
+
+    def _loop(self, step: int) -> tuple[int, dict[str, Any]]:
+        cfg, acc = self.args, self.accelerator
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="egspo train", disable=not acc.is_main_process,
+                   dynamic_ncols=True)
+        eval_every = cfg.eval_steps or cfg.save_steps or cfg.max_steps
+        metrics: dict[str, Any] = {}
         with _StopFlag() as stop:
-            while step < cfg.train.max_steps:
+            while step < cfg.max_steps:
+                self.callbacks("on_step_begin", trainer=self)
                 metrics = self.step(step)
                 step += 1
                 metrics["step"] = step
-                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                self.callbacks.state.global_step = step
+                evaluating = cfg.eval_strategy == "steps" and (step % eval_every == 0 or step == cfg.max_steps)
+                if evaluating:
+                    metrics.update(self.evaluate())
+                if step % cfg.logging_steps == 0 or step == cfg.max_steps or evaluating:
                     self.metrics.write(metrics)
-                    if cfg.train.report_to:
+                    if cfg.report_to:
                         acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+                    self.callbacks("on_log", trainer=self, logs=metrics)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.1f}",
-                                kl=f"{metrics.get('kl', 0.0):.4f}")
-                if on_step is not None:
-                    on_step(step, metrics)
-                stopping = bool(self._gather(torch.tensor([float(stop.raised)])).max())
-                if stopping or step == cfg.train.max_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                    self.save(step)
+                postfix = {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics.get('kl', 0.0):.4f}"}
+                if "accuracy" in metrics:
+                    postfix["acc"] = f"{metrics['accuracy']:.1f}"
+                bar.set_postfix(postfix)
+                control = self.callbacks("on_step_end", trainer=self)
+                signum = stop.signum if stop.signum is not None else 0
+                stopping = bool(self._gather(torch.tensor([float(signum)])).max()) or control.should_training_stop
+                better = evaluating and cfg.load_best_model_at_end and (
+                    self.best is None or self._eval_score(metrics) > self.best[0])
+                if (stopping or step == cfg.max_steps or better or control.should_save
+                        or (cfg.save_steps and step % cfg.save_steps == 0)):
+                    path = self._save(step)
+                    if better:
+                        self.best = (self._eval_score(metrics), path)
+                    control.should_save = False
                 if stopping:
-                    logger.warning("Stopped at step %d; resume with --resume.", step)
+                    bar.close()
+                    if stop.signum is not None:
+                        raise TrainingInterrupted(stop.signum, step, self.run_dir)
                     break
         bar.close()
+        self._finish()
+        return step, metrics
+
+    def _finish(self) -> None:
+        cfg, acc = self.args, self.accelerator
+        if cfg.load_best_model_at_end and self.best is not None:
+            logger.info("Loading the best checkpoint %s (eval %.3f).", self.best[1], self.best[0])
+            load_checkpoint(self.best[1], model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            process_index=acc.process_index)
         acc.wait_for_everyone()
-        if cfg.train.report_to or torch.cuda.is_available():
+        if acc.is_main_process:
+            from egspo.report import write_run_report
+
+            write_run_report(self.run_dir, cfg, read_metrics(self.run_dir / "metrics.jsonl"))
+        self.callbacks("on_train_end", trainer=self)
+        if cfg.push_to_hub:
+            self.push_to_hub()
+        if cfg.report_to or torch.cuda.is_available():
             # closes trackers and the NCCL group; gloo's destroy can hang one rank, so CPU runs skip it
             acc.end_training()
-        return self.run_dir
+
+    # -- saving and sharing -----------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the trained model to ``output_dir`` (default: the run directory): the LoRA adapter (its
+        config names the base model as given, e.g. a hub id or ``builtin:NAME``) or the full weights, the
+        tokenizer, the generation settings and a model card (README.md)."""
+        from egspo.hub import write_model_card
+
+        out = Path(output_dir or self.run_dir)
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.dlm.model)
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out)
+            self.processing_class.save_pretrained(out)
+            write_model_card(out, self.args, base_model=self.model_id, adapter=hasattr(model, "peft_config"),
+                             run_dir=self.run_dir)
+            logger.info("Saved the model to %s", out)
+        acc.wait_for_everyone()
+        return out
+
+    def push_to_hub(self, commit_message: str = "egspo: end of training") -> str:
+        """Save the model (:meth:`save_model`) and upload it to ``hub_model_id``; returns the repository URL.
+        Offline, fails at once with a sentence (the folder is still written)."""
+        from egspo.hub import push_folder
+
+        folder = self.save_model()
+        repo_id = self.args.hub_model_id or self.run_dir.resolve().name
+        if not self.accelerator.is_main_process:
+            return repo_id
+        return push_folder(folder, repo_id, private=self.args.hub_private_repo, commit_message=commit_message)
 
 
 def _means(sums: dict[str, float], micro_batches: int) -> dict[str, float]:
@@ -468,6 +833,6 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
-    """Run RL training as configured; returns the run directory."""
-    return RLTrainer(cfg, resume=resume).run()
+def train(cfg: EGSPOConfig, resume: bool = False) -> Path:
+    """Run RL training on the configured task; returns the run directory."""
+    return EGSPOTrainer(args=cfg).train(resume_from_checkpoint=resume or None).run_dir

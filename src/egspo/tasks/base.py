@@ -45,6 +45,8 @@ class RewardFunction:
     fn: RewardFn
     weight: float = 1.0
     correctness: bool = False
+    #: A task's own function: always called with completion texts (user functions get the prompts' form).
+    builtin: bool = True
 
 
 class Task(ABC):

@@ -1,11 +1,13 @@
 """``custom``: a user's prompts with the user's own reward functions.
 
-Rows come from ``task.train_file`` (jsonl/json/csv/parquet or a hub dataset) and need a ``prompt``
-field; every other field is passed to the reward functions as a column (TRL signature). Rewards come
-from ``task.extra_reward_funcs`` (``module:function``). There is no accuracy protocol: the metrics
-report rewards only.
+Rows come from ``train_file`` (jsonl/json/csv/parquet or a hub dataset) and need a ``prompt`` field
+(a string, used as it is, or a list of chat messages); every other field is passed to the reward
+functions as a column (TRL signature). Rewards come from ``reward_funcs`` (``module:function``).
+There is no accuracy protocol: the metrics report rewards only.
 
-    task: {name: custom, train_file: prompts.jsonl, extra_reward_funcs: ["my_rewards:exact_match"]}
+    task: custom
+    train_file: prompts.jsonl
+    reward_funcs: ["my_rewards:exact_match"]
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ class CustomTask(Task):
 
     def load(self, source: str | None, split: str, n: int, seed: int, **options: Any) -> list[dict[str, Any]]:
         if source is None:
-            raise ValueError("task.name=custom needs task.train_file (rows with a 'prompt' field).")
+            raise ValueError("task=custom needs train_file (rows with a 'prompt' field), or pass train_dataset= "
+                             "to EGSPOTrainer.")
         if options:
-            raise ValueError(f"task.options {sorted(options)} are not used by the custom task.")
+            raise ValueError(f"task_options {sorted(options)} are not used by the custom task: set task_options={{}} "
+                             "(on the command line: task_options={}).")
         return load_rows(source, split, _row)
 
     def messages(self, row: dict[str, Any], for_eval: bool = False) -> list[dict[str, str]]:
