@@ -7,6 +7,7 @@
     egspo sft --config FILE [--resume] [field=value ...]     masked-diffusion SFT
     egspo eval --model M [--adapter DIR | --checkpoints RUN] --task T [--gen-lengths 128,256,512]   evaluation
     egspo score --task T --input FILE.jsonl [--output FILE.jsonl]   score finished completions
+    egspo lm-eval --model egspo --model_args pretrained=M --tasks T ...   lm-evaluation-harness (egspo[eval])
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 from egspo.config import ConfigError, EGSPOConfig, field_help, load_config
 
 logger = logging.getLogger("egspo")
+LM_EVAL_COMMAND = "lm-eval"
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -143,6 +145,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from egspo.lm_eval_model import run_cli
+    except ImportError as exc:
+        logger.error("%s", exc)
+        return 2
+    return run_cli(args.lm_eval_args)
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file of EGSPOConfig fields (`egspo config --help-fields` lists "
                         "them; the sectioned files of egspo 0.1 still load, with a warning).")
@@ -246,12 +257,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL file of completions and ground-truth fields.")
     p.add_argument("--output", help="Write each input line with its rewards, total and correct flag here (JSONL).")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser(
+        LM_EVAL_COMMAND, add_help=False,
+        help="lm-evaluation-harness's command line with the `egspo` model registered (pip install 'egspo[eval]'); "
+        "every following argument goes to lm-eval, e.g. --model egspo --model_args pretrained=M --tasks T.",
+    )
+    p.set_defaults(func=_cmd_lm_eval, lm_eval_args=[])
     return parser
+
+
+def _split_lm_eval(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(egspo's arguments, lm-eval's): whatever follows the ``lm-eval`` command is lm-eval's, verbatim
+    (argparse would read its options as egspo's)."""
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == LM_EVAL_COMMAND:
+        return argv[: command + 1], argv[command + 1 :]
+    return argv, []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, lm_eval_args = _split_lm_eval(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(own)
+    if args.command == LM_EVAL_COMMAND:
+        args.lm_eval_args = lm_eval_args
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
