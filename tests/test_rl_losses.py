@@ -60,6 +60,8 @@ def test_kl_exact_matches_scalar_reference_and_skips_invalid_positions():
     assert out.item() == pytest.approx(expected, rel=1e-5)
     out.sum().backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[0, 2] == 0).all()
+    # with mean step log-probs the KL is per committed token too (2 valid positions here)
+    assert kl_exact(logits, ref, valid, "mean").item() == pytest.approx(expected / 2, rel=1e-5)
 
 
 def _step_inputs():

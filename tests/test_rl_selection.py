@@ -121,3 +121,19 @@ def test_rejects_bad_arguments():
         select_steps(torch.zeros(1, 4), 2, "entropy")
     with pytest.raises(ValueError, match="k=5"):
         select_steps(torch.zeros(1, 4), 5, "high_entropy")
+
+
+def test_published_random_and_uniform_use_one_step_set_ending_at_the_last_step():
+    entropy = torch.rand(4, 16)
+    gen = torch.Generator().manual_seed(3)
+    sel = select_steps(entropy, 6, "random", generator=gen, as_published=True)
+    assert (sel.steps == sel.steps[0]).all(), "the same steps for every row"
+    assert (sel.steps[:, -1] == 15).all() and (sel.weights == 1).all()
+    # drawn with replacement: over many draws of 6 from 15, repeats happen (distinct draws never repeat)
+    repeats = sum(int(select_steps(entropy, 6, "random", generator=gen, as_published=True).steps[0].unique().numel() < 6)
+                  for _ in range(50))
+    assert repeats > 0
+    default = select_steps(entropy, 6, "random", generator=torch.Generator().manual_seed(3))
+    assert all(row.unique().numel() == 6 for row in default.steps), "the default draws distinct steps per row"
+    uni = select_steps(entropy, 4, "uniform", as_published=True)
+    assert uni.steps[0].tolist() == [0, 5, 10, 15] and (uni.steps == uni.steps[0]).all()

@@ -219,6 +219,7 @@ def check_eval_settings(gen_lengths: list[int], block_length: int, steps_ratio: 
 #: Options each algorithm does not use, checked in EGSPOConfig.__post_init__ (set away from the default: warned).
 _UNUSED_BY = {
     "diffu_grpo": ("step_selection", "num_selected_steps", "adaptive_alpha", "stop_at_last_content",
+                   "step_selection_as_published",
                    "stepwise_lambda", "normalize_returns", "center_step_term", "step_reward_correctness_only",
                    "kl_estimator", "logp_aggregation", "steps_per_microbatch"),
     "egspo": ("num_iterations", "p_mask_prompt", "normalize_returns", "center_step_term",
@@ -295,6 +296,10 @@ class EGSPOConfig:
                                legacy="rl.adaptive_alpha")
     stop_at_last_content: bool = _f(False, "Only select steps up to the last step that committed a non-end token.",
                                     legacy="rl.stop_at_last_content")
+    step_selection_as_published: bool = _f(
+        False, "random/uniform ablations as the published code ran them: the same steps for every row, always "
+        "including the last step, random ones drawn with replacement (default: per row, distinct, see "
+        "docs/algorithm.md).")
     stepwise_lambda: float | None = _f(
         None, "Weight lambda of the stepwise term r - r_hat (default 0.5 for egspo_sa, 0 for egspo).",
         legacy="rl.stepwise_lambda")

@@ -46,8 +46,10 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff) - diff - 1.0
 
 
-def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B,) exact KL(π_θ || π_ref) summed over the vocabulary and over the ``valid`` (B, P) positions.
+def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor, valid: torch.Tensor, aggregation: str = "sum"
+             ) -> torch.Tensor:
+    """(B,) exact KL(π_θ || π_ref) summed over the vocabulary, then summed (or, with ``aggregation="mean"``,
+    averaged: the scale of mean step log-probs) over the ``valid`` (B, P) positions.
 
     ``logits`` / ``ref_logits`` are (B, P, V) at the committed positions only; computed in float32.
     """
@@ -56,7 +58,8 @@ def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor, valid: torch.Tensor
     logq = torch.log_softmax(torch.where(keep, logits.float(), 0.0), dim=-1)
     logr = torch.log_softmax(torch.where(keep, ref_logits.float(), 0.0), dim=-1)
     per_position = (logq.exp() * (logq - logr)).sum(-1)
-    return torch.where(valid, per_position, 0.0).sum(-1)
+    total = torch.where(valid, per_position, 0.0).sum(-1)
+    return total / valid.sum(-1).clamp_min(1) if aggregation == "mean" else total
 
 
 def egspo_step_loss(

@@ -72,6 +72,7 @@ def select_steps(
     alpha: float = 0.7,
     generator: torch.Generator | None = None,
     k_max_reduce: Callable[[int], int] | None = None,
+    as_published: bool = False,
 ) -> SelectedSteps:
     """Pick K steps per rollout from ``step_entropy`` (B, T).
 
@@ -81,6 +82,12 @@ def select_steps(
     top-K_i entropies reach ``alpha`` times the row's total candidate entropy, capped at ``k``; the
     output width is max_i K_i, or ``k_max_reduce(max_i K_i)`` when given so that every process runs the
     same number of micro-batches).
+
+    ``as_published`` gives ``random`` and ``uniform`` the published code's behaviour (an ablation of the
+    ablation, docs/algorithm.md#deliberate-differences-from-the-published-code): the same steps for every
+    row, always including the last step T-1; ``random`` draws the other K-1 with replacement from
+    [0, T-1), ``uniform`` spaces K steps evenly over [0, T-1]. Candidates (``valid_steps``,
+    ``stop_at_last_content``) are ignored there, as they were.
     """
     if step_entropy.dim() != 2:
         raise ValueError(f"step_entropy must be (B, T), got shape {tuple(step_entropy.shape)}.")
@@ -100,7 +107,10 @@ def select_steps(
         -1, by_entropy, torch.arange(num_steps, device=device).expand(batch, -1).contiguous()
     )
 
-    if method == "high_entropy":
+    if as_published and method in ("random", "uniform"):
+        chosen = _as_published(method, num_steps, k, batch, generator, device)
+        num_real = torch.full((batch,), k, dtype=torch.long, device=device)
+    elif method == "high_entropy":
         chosen = by_entropy[:, :k]
         num_real = num_cand.clamp(max=k)
     elif method == "random":
@@ -115,6 +125,19 @@ def select_steps(
         chosen, num_real = _adaptive(masked_entropy, by_entropy, cand, num_cand, k, alpha, k_max_reduce)
 
     return _to_time_order(chosen, num_real, rank_of_step)
+
+
+def _as_published(method: str, num_steps: int, k: int, batch: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    """(B, K) the published code's random/uniform steps: one set for the whole batch, ending at T-1."""
+    if method == "uniform":
+        steps = torch.linspace(0, num_steps - 1, k, device=device).round().long()
+    else:
+        if generator is None:
+            raise ValueError("step selection 'random' needs a torch.Generator (the global RNG is never used).")
+        draws = torch.randint(0, max(num_steps - 1, 1), (k - 1,), generator=generator, device=generator.device)
+        steps = torch.cat([draws.to(device), torch.tensor([num_steps - 1], device=device)])
+    return steps.expand(batch, -1).contiguous()
 
 
 def _uniform(cand: torch.Tensor, num_cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -383,7 +383,7 @@ class EGSPOTrainer:
             traj.step_entropy, cfg.num_selected_steps, cfg.step_selection,
             valid_steps=traj.valid_steps, last_content_step=traj.last_content_step,
             stop_at_last_content=cfg.stop_at_last_content, alpha=cfg.adaptive_alpha,
-            generator=generator, k_max_reduce=self._agreed_k,
+            generator=generator, k_max_reduce=self._agreed_k, as_published=cfg.step_selection_as_published,
         )
 
     def _egspo_advantages(
@@ -489,7 +489,7 @@ class EGSPOTrainer:
                                                               with_logits=exact)
             with acc.accumulate(self.dlm.model), acc.autocast():
                 logp, num_tokens, valid, logits = action_logps(self.dlm, sub, steps, aggregation=agg, with_logits=exact)
-                kl = kl_exact(logits, ref_logits, valid) if exact and ref_logits is not None else None
+                kl = kl_exact(logits, ref_logits, valid, agg) if exact and ref_logits is not None else None
                 loss, stats = egspo_step_loss(
                     logp, old, ref_logp, advantages, weights, num_tokens,
                     eps_low=cfg.epsilon, eps_high=cfg.epsilon_high, beta=cfg.beta,
