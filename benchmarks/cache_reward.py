@@ -1,4 +1,4 @@
-"""Reward of the exact rollout against the approximate KV-cached ones (SamplerConfig.cache) on a task.
+"""Reward of the exact rollout against the approximate KV-cached ones (``rollout_cache``) on a task.
 
     PYTHONPATH=src python benchmarks/cache_reward.py                      # builtin Sudoku model, CPU-sized
     PYTHONPATH=src python benchmarks/cache_reward.py --model /path/LLaDA-8B-Instruct --task gsm8k \

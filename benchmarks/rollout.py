@@ -6,9 +6,10 @@
 Prints one JSON object: seconds per rollout batch, sequences/s, forward passes/s, achieved TFLOP/s
 counting the work as T full forwards (the issue's convention) and as actually computed (LM head only
 where needed), model FLOP utilisation against the bf16 matmul peak, and peak extra memory.
-``--cache prefix|dual`` times the APPROXIMATE KV-cached rollout (``SamplerConfig.cache``); its
-"as T full forwards" figures still count T full forwards, so they read as an effective rate, and
-"computed" counts the windows actually run. ``--compile`` sets ``SamplerConfig.compile``.
+``--cache prefix|dual`` times the APPROXIMATE KV-cached rollout (``SamplerConfig.cache``, a run's
+``rollout_cache``); its "as T full forwards" figures still count T full forwards, so they read as an
+effective rate, and "computed" counts the windows actually run. ``--compile`` sets
+``SamplerConfig.compile`` (a run's ``compile_rollout``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ the AdamW steps. Prints JSON: seconds, TFLOP/s and MFU per phase, tokens/s and p
 ``--cache prefix|dual`` rolls out with the APPROXIMATE KV-cached sampler and adds the phase
 "old_logps": the exact recompute of the selected steps' old log-probs that the trainer then runs
 (K no-grad forwards), whose results the updates use. ``--compile`` compiles the rollout forward
-(``SamplerConfig.compile``; the peft-wrapped model).
+(``SamplerConfig.compile``, a run's ``compile_rollout``; the peft-wrapped model).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ held-out generated problems of the config's task (and on a reference test set wh
 the EARLIEST checkpoint whose accuracy on the generated held-out problems falls in the target range
 into OUT/chosen (model + tokenizer). SFT runs in a subprocess and each checkpoint is evaluated as soon
 as it is written; SFT stops at the first checkpoint in range (with ``--all`` it runs to
-``train.max_steps`` and every checkpoint is evaluated), so ``train.max_steps`` is only an upper bound. The reference test set is reported, never used for the choice.
+``max_steps`` and every checkpoint is evaluated), so ``max_steps`` is only an upper bound. The
+reference test set is reported, never used for the choice.
 The accuracy is the task's whole-answer figure: ``puzzle_accuracy`` for Sudoku, ``accuracy`` for the
 others (``--metric`` to choose another). The base is meant to be imperfect so that RL has room.
 Writes OUT/selection.json with every checkpoint's figures. This is how `builtin:sudoku-tiny` and the
@@ -76,7 +77,7 @@ def main() -> None:
 
     # SFT runs in its own process; each checkpoint is evaluated as soon as it is complete (checkpoints
     # are renamed into place whole), and SFT is stopped at the first one in range unless --all.
-    # SFT keeps only train.keep_last checkpoints and goes on saving while one is evaluated, so each is
+    # SFT keeps only save_total_limit checkpoints and goes on saving while one is evaluated, so each is
     # copied first (OUT/evaluating, renamed to OUT/chosen when chosen); one pruned before it is copied
     # is skipped.
     staging, target = out / "evaluating", out / "chosen"
@@ -105,7 +106,7 @@ def main() -> None:
             except (FileNotFoundError, shutil.Error) as exc:
                 if ckpt in list_checkpoints(out / "sft")[-cfg.save_total_limit:]:
                     raise  # not being pruned: a broken checkpoint
-                logger.warning("%s was deleted (train.keep_last) before it was evaluated: %s", ckpt.name, exc)
+                logger.warning("%s was deleted (save_total_limit) before it was evaluated: %s", ckpt.name, exc)
                 continue
             dlm, tokenizer = load_model(ModelConfig(name_or_path=str(staging), dtype="float32"), device=device)
             entry: dict = {"checkpoint": ckpt.name, "seconds_since_start": round(time.perf_counter() - start, 1)}

@@ -6,8 +6,8 @@
 #   node 0:  NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/launch_multinode.sh configs/llada/gsm8k_egspo_sa.yaml
 #   node 1:  NUM_NODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 scripts/launch_multinode.sh configs/llada/gsm8k_egspo_sa.yaml
 #
-# Arguments after the config go to `egspo train` (--resume, section.field=value overrides).
-# train.output_dir must be on a filesystem that every node sees: all processes write their RNG
+# Arguments after the config go to `egspo train` (--resume, field=value overrides).
+# output_dir must be on a filesystem that every node sees: all processes write their RNG
 # state into the checkpoint directory and read the checkpoint back on --resume.
 #
 # Environment:
@@ -20,7 +20,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  echo "usage: [NUM_NODES=N NODE_RANK=R MASTER_ADDR=HOST] $0 CONFIG.yaml [--resume] [section.field=value ...]" >&2
+  echo "usage: [NUM_NODES=N NODE_RANK=R MASTER_ADDR=HOST] $0 CONFIG.yaml [--resume] [field=value ...]" >&2
   exit 2
 fi
 CONFIG=$1

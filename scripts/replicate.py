@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="Evaluate every this many steps.")
     parser.add_argument("--out", default="runs/replication")
     parser.add_argument("--deadline", type=float, default=None, help="Seconds after which running runs stop.")
-    parser.add_argument("overrides", nargs="*", help="section.field=value for every run.")
+    parser.add_argument("overrides", nargs="*", help="field=value overrides for every run.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

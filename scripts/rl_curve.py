@@ -5,7 +5,7 @@
         max_steps=200 algorithm=egspo_sa
 
 Trains with the config (default: the packaged demo config) plus overrides and evaluates the policy
-greedily (the config's eval sampler) on ``task.num_eval`` held-out generated problems and on the
+greedily (the config's eval sampler) on ``num_eval`` held-out generated problems and on the
 reference test set when given, before training and every ``--every`` steps. Writes
 OUT/curve.json: [{step, rollouts, seconds, train_seconds, held_out: {...}, reference: {...}}], where
 ``seconds`` is wall time since the start (evaluations included) and ``train_seconds`` the time spent

@@ -502,7 +502,7 @@ def evaluate(
     """Evaluate the variants (see :func:`resolve_variants`) at every ``eval_cfg.gen_lengths``; resumable.
 
     The items are ``rows`` if given, else read from ``data`` (a test file or hub dataset), else
-    ``num_eval`` items of the task's generator drawn with ``seed`` (by default train.seed's default);
+    ``num_eval`` items of the task's generator drawn with ``seed`` (by default the config's default ``seed``);
     then the first ``eval_cfg.limit``. Returns this task's summary, also merged into
     ``OUTPUT/summary.json``: ``results[variant][gen_length]`` is the metrics dict (``accuracy`` in percent,
     the task's other metrics, ``n``, ``seconds``, ...). Every process returns it.

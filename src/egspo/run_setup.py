@@ -31,7 +31,7 @@ def make_accelerator(train: EGSPOConfig) -> Accelerator:
 
 
 def check_output_dir(path: Path) -> None:
-    """Create the run directory and prove it writable, or fail naming train.output_dir."""
+    """Create the run directory and prove it writable, or fail naming output_dir."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         # a file of its own: every process of a launch probes the same directory at the same time

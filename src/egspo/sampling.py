@@ -98,8 +98,8 @@ def sample(
     mask_id, eos_id = dlm.mask_id, dlm.eos_id
     if config.cache != "none" and not dlm.native:
         raise ConfigError(
-            f"sampler.cache={config.cache!r} needs the native LLaDA or Dream models (egspo.models); this "
-            f"model ({type(dlm.core).__name__}) goes through the generic adapter: use sampler.cache=none."
+            f"rollout_cache={config.cache!r} needs the native LLaDA or Dream models (egspo.models); this "
+            f"model ({type(dlm.core).__name__}) goes through the generic adapter: use rollout_cache=none."
         )
     model = _rollout_model(dlm, config)
 
@@ -129,8 +129,8 @@ def sample(
     lockstep = dlm.sharded
     if lockstep and config.cache != "none":
         raise ConfigError(
-            f"sampler.cache={config.cache!r} is not supported with a sharded model (FSDP / ZeRO-3): "
-            "use sampler.cache=none, or DDP / ZeRO-2."
+            f"rollout_cache={config.cache!r} is not supported with a sharded model (FSDP / ZeRO-3): "
+            "use rollout_cache=none, or DDP / ZeRO-2."
         )
     chunk_rows = batch if lockstep else None
     with dlm.evaluating():
@@ -212,7 +212,7 @@ def _step_features(
 ) -> tuple[torch.Tensor, KVCache | None]:
     """Aligned features of positions [lo, end) for one denoising step of block [lo, hi), and the cache.
 
-    Without a cache (``sampler.cache=none``, or the first step of a block in the cached modes) the
+    Without a cache (``rollout_cache=none``, or the first step of a block in the cached modes) the
     whole sequence runs, exactly; the cached modes keep that forward's keys/values for the block's
     other steps, which run [lo, L) (``prefix``) or [lo, hi) (``dual``) against it.
     """

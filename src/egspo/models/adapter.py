@@ -149,8 +149,8 @@ class DiffusionLM:
     def _require_native(self) -> None:
         if not self.native:
             raise ValueError(
-                "The KV-cached rollout (sampler.cache=prefix/dual) needs the native LLaDA or Dream models "
-                f"(egspo.models); {type(self.core).__name__} is a generic masked LM: use sampler.cache=none."
+                "The KV-cached rollout (rollout_cache=prefix/dual) needs the native LLaDA or Dream models "
+                f"(egspo.models); {type(self.core).__name__} is a generic masked LM: use rollout_cache=none."
             )
 
     def encode_cached(
@@ -240,7 +240,7 @@ class DiffusionLM:
         if peft_model is None:
             raise RuntimeError(
                 "No reference policy: full fine-tuning needs a frozen copy (DiffusionLM.reference) "
-                "and LoRA training a peft model; set rl.beta=0 to train without KL."
+                "and LoRA training a peft model; set beta=0 to train without KL."
             )
         if self.sharded:
             with _adapters_bypassed(peft_model):

@@ -1,7 +1,7 @@
-"""Load a diffusion LM and its tokenizer from ``model.name_or_path``.
+"""Load a diffusion LM and its tokenizer from ``model_name_or_path``.
 
-    dlm, tokenizer = load_model(cfg.model)                  # on CPU, dtype per cfg.model.dtype
-    dlm, tokenizer = load_model(cfg.model, device="cuda")
+    dlm, tokenizer = load_model(cfg.model_config())         # on CPU, dtype per cfg.dtype
+    dlm, tokenizer = load_model(cfg.model_config(), device="cuda")
 
 ``name_or_path`` is one of
 - ``builtin:tiny`` / ``builtin:small``: a random-init LLaDA-architecture preset with the character
@@ -12,7 +12,7 @@
 Checkpoints whose ``model_type`` is ``llada`` or ``Dream`` load egspo's own implementations (registered
 with the transformers Auto classes), never their remote code: those are weight-compatible and add
 ``logits_positions=``. Everything else loads with ``AutoModelForMaskedLM`` (BERT, ModernBERT, ...), or with
-the checkpoint's own code when ``model.trust_remote_code`` is set. Tokenizers pad on the left, as batched
+the checkpoint's own code when ``trust_remote_code`` is set. Tokenizers pad on the left, as batched
 generation needs.
 """
 
@@ -53,7 +53,7 @@ _HUB_NAME = re.compile(rf"{_HUB_PART}(?:/{_HUB_PART})?")
 
 
 class ModelLoadError(ConfigError):
-    """``model.name_or_path`` does not lead to a usable diffusion LM; the message says why."""
+    """``model_name_or_path`` does not lead to a usable diffusion LM; the message says why."""
 
 
 # -- public API ---------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
         on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
         return torch.bfloat16 if on_cuda else torch.float32
     if dtype not in _DTYPES:
-        raise ModelLoadError(f"model.dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}.")
+        raise ModelLoadError(f"dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}.")
     return _DTYPES[dtype]
 
 
@@ -176,11 +176,11 @@ def resolve_source(name_or_path: str) -> str:
             if _HUB_NAME.fullmatch(name_or_path) and ".." not in name_or_path and "--" not in name_or_path:
                 return name_or_path
             raise ModelLoadError(
-                f"model.name_or_path={name_or_path!r} is neither an existing directory nor a hub model name "
+                f"model_name_or_path={name_or_path!r} is neither an existing directory nor a hub model name "
                 "(owner/name)."
             )
     if not path.is_dir():
-        raise ModelLoadError(f"{path} is a file; model.name_or_path must be the model's directory.")
+        raise ModelLoadError(f"{path} is a file; model_name_or_path must be the model's directory.")
     _check_model_dir(path)
     return str(path)
 
@@ -238,7 +238,7 @@ def _trust_remote_code(config: dict[str, Any], cfg: ModelConfig, source: str) ->
     model_type = config["model_type"]
     if model_type in NATIVE_MODEL_TYPES:
         if cfg.trust_remote_code:
-            logger.info("Ignoring model.trust_remote_code for %s: egspo ships the %s architecture.", source, model_type)
+            logger.info("Ignoring trust_remote_code for %s: egspo ships the %s architecture.", source, model_type)
         return False
     if model_type in CONFIG_MAPPING:
         return cfg.trust_remote_code
@@ -247,7 +247,7 @@ def _trust_remote_code(config: dict[str, Any], cfg: ModelConfig, source: str) ->
     raise ModelLoadError(
         f"unknown model_type {model_type!r} in the config of {source!r}: egspo ships "
         f"{' and '.join(NATIVE_MODEL_TYPES)}, and transformers' masked LMs (bert, modernbert, ...) load "
-        "directly; a checkpoint with its own modeling code (auto_map) needs model.trust_remote_code=true."
+        "directly; a checkpoint with its own modeling code (auto_map) needs trust_remote_code=true."
     )
 
 

@@ -1,12 +1,12 @@
 """Trainable setup of a loaded model: a LoRA adapter or full fine-tuning, and the KL reference policy.
 
-- LoRA (``model.lora=true``, the paper's setting): the base weights stay frozen and the reference policy
+- LoRA (``use_peft=true``, the paper's setting): the base weights stay frozen and the reference policy
   is the same model with the adapter disabled (:meth:`DiffusionLM.reference_model`), so no second copy
   of an 8B model is held.
 - Full fine-tuning: every weight trains and, when the objective has a KL term, the reference policy is a
   frozen deep copy taken before training (:func:`make_reference`).
 
-    dlm = prepare_for_training(dlm, cfg.model, need_reference=cfg.rl.beta > 0)
+    dlm = prepare_for_training(dlm, cfg.model_config(), need_reference=cfg.beta > 0)
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     core = unwrap(model)
     if not getattr(core, "supports_gradient_checkpointing", False):
         raise ConfigError(
-            f"model.gradient_checkpointing=true but {type(core).__name__} does not support gradient "
+            f"gradient_checkpointing=true but {type(core).__name__} does not support gradient "
             "checkpointing; set it to false."
         )
     kwargs = {"use_reentrant": False}
@@ -123,7 +123,7 @@ def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: 
                          peft_config: LoraConfig | None = None) -> DiffusionLM:
     """``dlm`` with its model made trainable as ``cfg`` says (LoRA or full) and the reference policy wired.
 
-    ``need_reference`` (the trainer's call, e.g. ``rl.beta > 0``) only matters for full fine-tuning: with
+    ``need_reference`` (the trainer's call, e.g. ``beta > 0``) only matters for full fine-tuning: with
     LoRA the reference is the adapter-disabled model at no extra memory.
     """
     model = dlm.model

@@ -10,7 +10,7 @@ code path exercised with them is the one LLaDA-8B takes. Write one to disk with
     egspo new-model --preset tiny --out models/tiny [--seed 0]
 
 and load it back with ``AutoModel.from_pretrained`` / ``AutoTokenizer.from_pretrained`` (after
-``import egspo``) or ``model.name_or_path=models/tiny``.
+``import egspo``) or ``model_name_or_path=models/tiny``.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def encode_prompts(
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     too_long = sum(len(e) > max_length for e in encoded)
     if too_long:
-        logger.warning("%d prompt(s) longer than task.max_prompt_length=%d tokens were left-truncated.",
+        logger.warning("%d prompt(s) longer than max_prompt_length=%d tokens were left-truncated.",
                        too_long, max_length)
     encoded = [e[-max_length:] for e in encoded]
     width = max(len(e) for e in encoded)

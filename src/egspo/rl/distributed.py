@@ -7,11 +7,11 @@ the advantages of the whole batch (cheap: B*K floats) and keeps its own slice. E
 same numbers, whatever the launch size, as long as the global batch is the same.
 
 ``gather`` is any function that concatenates a tensor's rows over processes in process order and
-takes the tensors where they are (CPU here): the trainer's ``RLTrainer._gather`` (moves them to the
+takes the tensors where they are (CPU here): the trainer's ``EGSPOTrainer._gather`` (moves them to the
 accelerator's device for NCCL, gathers, returns them on CPU), or the identity in one process. So the
 functions run and test without a launcher:
 
-    adv = global_stepwise_advantages(rewards, greedy, weights, cfg.rl, gather=self._gather,
+    adv = global_stepwise_advantages(rewards, greedy, weights, self.args, gather=self._gather,
                                      process_index=acc.process_index)
     adv.local      # (B, K) advantages of this process's rows
 """
@@ -93,7 +93,7 @@ def global_stepwise_advantages(
     lam = float(rl.stepwise_lambda or 0.0)
     if local_greedy is None:
         if lam > 0:
-            raise ValueError(f"rl.stepwise_lambda={lam} needs the greedy-completion rewards (local_greedy).")
+            raise ValueError(f"stepwise_lambda={lam} needs the greedy-completion rewards (local_greedy).")
         local_greedy = local_rewards.float().unsqueeze(1).expand(b, k)
     all_rewards = gather(local_rewards.float().contiguous())
     all_greedy = gather(local_greedy.float().contiguous())

@@ -14,9 +14,11 @@ and ``reward_funcs`` the configured built-in ``task`` supplies both.
 One step: every process rolls out its slice of the global batch (``per_device_train_batch_size`` rows,
 the G rollouts of a prompt are consecutive rows), rewards are gathered so that group baselines see
 whole groups, and the update runs on the process's own rows. EGSPO/EGSPO-SA train on K selected
-denoising steps per rollout (micro-batch k = the k-th selected step of every row); diffu-GRPO runs
-``num_iterations`` masked-estimator passes over the batch. Randomness of step ``s`` is seeded from
-(seed, s, process), so a resumed run repeats the uninterrupted one (docs/algorithm.md).
+denoising steps per rollout (micro-batch k = the k-th selected step of every row); diffu-GRPO follows
+d1's schedule: a step generates ``gradient_accumulation_steps`` rollout batches, then makes
+``num_iterations`` optimizer steps, each accumulating every batch (iteration i with mask seed i).
+Randomness of step ``s`` is seeded from (seed, s, process), so a resumed run repeats the
+uninterrupted one (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -424,7 +426,7 @@ class EGSPOTrainer:
         """(B, K) step log-probs (sums) of the selected actions under the exact model, and the mean
         |approximate - exact| over the real selections.
 
-        A cached rollout (``sampler.cache``) records log-probs of an approximate forward, so a ratio
+        A cached rollout (``rollout_cache``) records log-probs of an approximate forward, so a ratio
         against them would not start at 1 and the clip would act on the approximation error. They are
         recomputed here with the exact forward, before any update of this batch (the model is still the
         rollout's policy), in eval mode as the rollout ran: one forward per selected-step slot, batched

@@ -43,7 +43,7 @@ class CustomTask(Task):
         return [{"role": "user", "content": row["prompt"]}]
 
     def reward_functions(self) -> list[RewardFunction]:
-        return []  # all rewards come from task.extra_reward_funcs
+        return []  # all rewards come from reward_funcs
 
     def metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         return {"accuracy": float("nan")}
