@@ -1,7 +1,7 @@
 """Run the issue-#9 grid: every algorithm variant x seed from one base, several runs at once on one GPU.
 
     PYTHONPATH=src python scripts/replicate.py --task sudoku --reference-test 4x4_test_sudoku.csv \
-        --seeds 0 1 2 [--variants diffu_grpo diffu_grpo_low_lr egspo egspo_sa random uniform] [--parallel 15] \
+        --seeds 0 1 2 [--variants diffu_grpo diffu_grpo_lr1e-4 diffu_grpo_lr1e-3 egspo egspo_sa random uniform] [--parallel 15] \
         [--out runs/replication] [--deadline 540] [overrides ...]
 
 Each run is ``scripts/rl_curve.py --config configs/replication/rl_TASK.yaml`` with the variant's
@@ -30,14 +30,28 @@ from pathlib import Path
 logger = logging.getLogger("replicate")
 ROOT = Path(__file__).resolve().parent.parent
 #: The algorithm variants of the table and the overrides that make each from configs/replication/rl_*.yaml.
+#: diffu-GRPO at three learning rates (the report picks the best on held-out data); on d1's schedule one of its
+#: steps generates gradient_accumulation_steps rollout batches, so equal_rollouts() shortens its runs.
 VARIANTS: dict[str, list[str]] = {
     "diffu_grpo": ["algorithm=diffu_grpo"],
-    "diffu_grpo_low_lr": ["algorithm=diffu_grpo", "learning_rate=1e-4"],
+    "diffu_grpo_lr1e-4": ["algorithm=diffu_grpo", "learning_rate=1e-4"],
+    "diffu_grpo_lr1e-3": ["algorithm=diffu_grpo", "learning_rate=1e-3"],
     "egspo": ["algorithm=egspo"],
     "egspo_sa": ["algorithm=egspo_sa"],
     "random": ["algorithm=egspo_sa", "step_selection=random"],
     "uniform": ["algorithm=egspo_sa", "step_selection=uniform"],
 }
+
+
+def equal_rollouts(config: Path, variant: str, overrides: list[str]) -> list[str]:
+    """A ``max_steps`` override giving a diffu-GRPO variant as many rollouts as the EGSPO variants get."""
+    if not variant.startswith("diffu_grpo"):
+        return []
+    sys.path.insert(0, str(ROOT / "src"))
+    from egspo.config import load_config
+
+    cfg = load_config(config, [*VARIANTS[variant], *overrides])
+    return [f"max_steps={max(1, cfg.max_steps // cfg.gradient_accumulation_steps)}"]
 
 
 def save_records(task_dir: Path, records: list[dict], command: dict) -> None:
@@ -61,7 +75,7 @@ def main() -> None:
     parser.add_argument("--task", required=True, choices=["sudoku", "countdown"])
     parser.add_argument("--reference-test", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "diffu_grpo_low_lr"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--parallel", type=int, default=15, help="Runs at once.")
     parser.add_argument("--every", type=int, default=25, help="Evaluate every this many steps.")
     parser.add_argument("--out", default="runs/replication")
@@ -79,7 +93,8 @@ def main() -> None:
             out = task_dir / f"{variant}-s{seed}"
             command = [sys.executable, str(ROOT / "scripts" / "rl_curve.py"), "--config", str(config),
                        "--out", str(out), "--every", str(args.every), "--reference-test", args.reference_test,
-                       f"seed={seed}", *VARIANTS[variant], *args.overrides]
+                       f"seed={seed}", *VARIANTS[variant], *args.overrides,
+                       *equal_rollouts(config, variant, args.overrides)]
             queue.append({"run": out.name, "variant": variant, "seed": seed, "out": out, "command": command})
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),

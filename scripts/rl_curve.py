@@ -46,7 +46,8 @@ def main() -> None:
     if args.reference_test:
         sets["reference"] = task.load(args.reference_test, "test", 0, 0, **options)
     sampler = cfg.eval_config().sampler_for(cfg.max_completion_length)
-    rollouts_per_step = cfg.per_device_train_batch_size * trainer.accelerator.num_processes
+    batches_per_step = cfg.gradient_accumulation_steps if cfg.algorithm == "diffu_grpo" else 1  # d1's schedule
+    rollouts_per_step = cfg.per_device_train_batch_size * trainer.accelerator.num_processes * batches_per_step
     curve: list[dict] = []
     start = time.perf_counter()
     train_seconds = 0.0

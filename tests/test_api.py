@@ -42,6 +42,9 @@ def test_train_checkpoint_resume_and_generate(tmp_path):
     # the adapter names its base as given (built in or a hub id), not where it was installed
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "builtin:tiny"
     assert (out / "report.md").exists() and (out / "training_curve.png").stat().st_size > 1000
+    samples = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * 4 + [2] * 4
+    assert set(samples[0]) == {"step", "prompt", "completion", "reward"} and samples[0]["prompt"].startswith("say")
 
     resumed = EGSPOTrainer(model="builtin:tiny", reward_funcs=[sevens], train_dataset=ROWS,
                            args=small_args(out, max_steps=3))

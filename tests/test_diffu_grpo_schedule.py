@@ -11,8 +11,9 @@ from egspo import EGSPOConfig, EGSPOTrainer
 ROWS = [{"prompt": f"say {i}"} for i in range(8)]
 
 
-def sevens(prompts, completions, **kwargs):
-    return [min(1.0, text.count("7") / 8) for text in completions]
+def variety(prompts, completions, **kwargs):
+    """Distinct characters per completion: random completions differ, so advantages are not all zero."""
+    return [len(set(text)) / 8 for text in completions]
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def recorded(tmp_path, monkeypatch):
                        per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2,
                        num_iterations=3, max_completion_length=8, block_length=8, diffusion_steps=4,
                        learning_rate=1e-2, save_steps=0, seed=0, epsilon=0.5, epsilon_high=0.5)
-    trainer = EGSPOTrainer(model="builtin:tiny", reward_funcs=[sevens], train_dataset=ROWS, args=args)
+    trainer = EGSPOTrainer(model="builtin:tiny", reward_funcs=[variety], train_dataset=ROWS, args=args)
     events: list[tuple] = []
     rollout = trainer._rollout
 

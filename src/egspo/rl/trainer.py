@@ -58,6 +58,7 @@ from egspo.rl.losses import completion_token_mask, diffu_grpo_loss, egspo_step_l
 from egspo.rl.metrics import MetricsWriter, read_metrics, step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
+from egspo.rl.tracking import log_samples, sample_rows
 from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
                               prepare_model_and_optimizer, prepare_reference)
 from egspo.sampling import sample
@@ -212,6 +213,7 @@ class EGSPOTrainer:
         self.callbacks = CallbackHandler(callbacks or [], cfg, cfg.max_steps)
         self.start_step = 0
         self.best: tuple[float, Path] | None = None
+        self._samples: list[list[Any]] = []
 
     @property
     def model(self) -> nn.Module:
@@ -343,6 +345,7 @@ class EGSPOTrainer:
         metrics["completion_tokens"] = float(self._gather(
             completion_token_mask(batch.traj.completions, self.dlm.stop_ids).sum(1).float()).mean())
         timings["time/score"] = timings.get("time/score", 0.0) + time.perf_counter() - t0
+        self._samples = sample_rows([str(p) for p in batch.prompts], batch.completions, rewards.tolist())
         return batch, rewards, metrics
 
     def step(self, step: int) -> dict[str, Any]:
@@ -735,6 +738,7 @@ class EGSPOTrainer:
                     metrics.update(self.evaluate())
                 if step % cfg.logging_steps == 0 or step == cfg.max_steps or evaluating:
                     self.metrics.write(metrics)
+                    log_samples(acc, self.run_dir, self._samples, step)
                     if cfg.report_to:
                         acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
                     self.callbacks("on_log", trainer=self, logs=metrics)
