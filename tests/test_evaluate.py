@@ -106,6 +106,11 @@ def test_outputs_and_resume(
     from egspo.scoring import score_file
 
     assert score_file(get_task("sudoku"), generations)["accuracy"] == pytest.approx(metrics["accuracy"])
+    # both protocols side by side; the reference one is what `egspo score --protocol reference` gives
+    assert metrics["protocol"] == "default" and summary["protocol"] == "default"
+    assert {"accuracy_reference", "puzzle_accuracy_reference"} <= set(metrics)
+    reference = score_file(get_task("sudoku"), generations, protocol="reference")
+    assert reference["accuracy"] == pytest.approx(metrics["accuracy_reference"])
 
     # a finished evaluation: nothing generated, the file not even rewritten
     before, mtime = generations.read_bytes(), generations.stat().st_mtime_ns
@@ -146,6 +151,7 @@ def test_checkpoints_adapters_and_plot(model_dir: Path, run_dir: Path, tmp_path:
     expected, metrics = ev.evaluate_rows(dlm, tokenizer, task, rows, cfg, batch_size=4)
     assert expected == completions["checkpoint-4"]
     assert metrics["accuracy"] == summary["results"]["checkpoint-4"][32]["accuracy"]
+    assert metrics["accuracy_reference"] == summary["results"]["checkpoint-4"][32]["accuracy_reference"]
     assert completions["checkpoint-2"] != completions["base"]
 
 

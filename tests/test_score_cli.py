@@ -82,6 +82,23 @@ def test_score_malformed_input_exits_2(tmp_path, capsys, caplog, lines, message)
     assert message in caplog.text
 
 
+def test_score_protocols(tmp_path, capsys):
+    source = _write(tmp_path / "in.jsonl", [
+        {"completion": "<answer>\\boxed{1,234}</answer>", "answer": "#### 1,234"},  # reference reads 1
+        {"completion": "<answer>\\boxed{5}</answer>", "answer": "#### 5"},
+    ])
+    out = tmp_path / "out.jsonl"
+    code, captured = _run(capsys, "--task", "gsm8k", "--input", source, "--protocol", "reference", "--output", str(out))
+    summary = json.loads(captured.out)
+    assert code == 0 and summary["accuracy"] == 50.0 and summary["protocol"] == "reference"
+    assert [json.loads(line)["correct"] for line in out.read_text().splitlines()] == [False, True]
+    code, captured = _run(capsys, "--task", "gsm8k", "--input", source)
+    assert json.loads(captured.out)["accuracy"] == 100.0 and json.loads(captured.out)["protocol"] == "default"
+    with pytest.raises(SystemExit) as exc:
+        main(["score", "--task", "gsm8k", "--input", source, "--protocol", "published"])
+    assert exc.value.code == 2
+
+
 def test_score_missing_file_and_unknown_task(tmp_path, capsys, caplog):
     code, _ = _run(capsys, "--task", "sudoku", "--input", str(tmp_path / "nope.jsonl"))
     assert code == 2 and "does not exist" in caplog.text

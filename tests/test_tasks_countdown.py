@@ -179,3 +179,6 @@ def test_reference_test_set_loads():
     assert rows[0]["numbers"] == [int(x) for x in first["input"].split(",")]
     assert rows[0]["target"] == int(first["output"])
     assert task.metrics(["<answer>30-(100-93)</answer>", "nothing"], rows[:2]) == {"accuracy": 50.0}
+    # the published parser needs the expression in \boxed{} (without one it checks the whole completion)
+    assert task.reference_metrics(["<answer>30-(100-93)</answer>", "nothing"], rows[:2]) == {"accuracy": 0.0}
+    assert task.reference_metrics(["<answer>\\boxed{30-(100-93)}</answer>"], rows[:1]) == {"accuracy": 100.0}

@@ -83,6 +83,15 @@ def test_gsm8k_rows_from_file(tmp_path):
 def test_gsm8k_metrics():
     rows = [{"answer": "3"}, {"answer": "-4"}]
     assert get_task("gsm8k").metrics(["<answer>3</answer>", "<answer>4</answer>"], rows) == {"accuracy": 50.0}
+    # the published parser: the first \boxed{} wins, and a negative ground truth is lost
+    completions = ["\\boxed{3} <answer>\\boxed{3}</answer>", "<answer>\\boxed{-4}</answer>"]
+    assert get_task("gsm8k").reference_metrics(completions, rows) == {"accuracy": 50.0}
+
+
+def test_math500_reference_metrics_compare_normalised_strings():
+    task, rows = get_task("math500"), [{"answer": "\\frac{1}{2}"}] * 2
+    completions = ["<answer>\\boxed{\\dfrac12}</answer>", "<answer>\\boxed{\\frac{2}{4}}</answer>"]
+    assert task.reference_metrics(completions, rows) == {"accuracy": 50.0}
 
 
 @pytest.mark.parametrize(

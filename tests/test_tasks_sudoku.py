@@ -105,6 +105,10 @@ def test_metrics_cell_and_puzzle_accuracy():
     metrics = task.metrics([f"<answer>{SOLUTION}</answer>", "<answer>3142</answer>"], rows)
     empty = PUZZLE.count("0")
     assert metrics == {"accuracy": pytest.approx(100 * (empty + 1) / (2 * empty)), "puzzle_accuracy": 50.0}
+    # the published parser reports the same cell-level accuracy, but keeps non-digits as cells
+    spaced = "<answer>" + ",".join(SOLUTION) + "</answer>"
+    assert task.metrics([spaced], rows[:1])["accuracy"] == 100.0
+    assert task.reference_metrics([spaced], rows[:1]) == {"accuracy": 0.0, "puzzle_accuracy": 0.0}
 
 
 def test_reference_completion_is_correct_and_well_formed():

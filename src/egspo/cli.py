@@ -6,7 +6,7 @@
     egspo train --config FILE [--resume] [field=value ...]   RL fine-tuning (EGSPOTrainer)
     egspo sft --config FILE [--resume] [field=value ...]     masked-diffusion SFT
     egspo eval --model M [--adapter DIR | --checkpoints RUN] --task T [--gen-lengths 128,256,512]   evaluation
-    egspo score --task T --input FILE.jsonl [--output FILE.jsonl]   score finished completions
+    egspo score --task T --input FILE.jsonl [--protocol reference] [--output FILE.jsonl]   score completions
     egspo lm-eval --model egspo --model_args pretrained=M --tasks T ...   lm-evaluation-harness (egspo[eval])
 """
 
@@ -103,8 +103,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         task_options=cfg.task_options if same_task else None,
     )
     if process_state().is_main_process:
+        other = "reference" if summary["protocol"] == "default" else "default"
         for metric in _table_metrics(summary):
-            sys.stdout.write(f"{summary['task']} {metric} (%)\n{format_table(summary, metric)}\n")
+            protocol = other if metric.endswith(f"_{other}") else summary["protocol"]
+            sys.stdout.write(f"{summary['task']} {metric} (%), {protocol} protocol\n{format_table(summary, metric)}\n")
         logger.info("Generations, metrics and summary.json in %s%s", output,
                     f"; plot {summary['plot']}" if summary["plot"] else "")
     return 0
@@ -128,7 +130,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from egspo.tasks.data import DataError
 
     try:
-        summary = score_file(get_task(args.task), args.input, args.output)
+        summary = score_file(get_task(args.task), args.input, args.output, protocol=args.protocol, progress=True)
     except (DataError, RewardError) as exc:
         logger.error("%s", exc)
         return 2
@@ -245,16 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     from egspo.tasks import TASK_NAMES
+    from egspo.tasks.base import PROTOCOLS
 
     p = sub.add_parser(
         "score", help="Score finished completions with a task's reward functions and accuracy protocol.",
         description="Each input line is a JSON object with 'completion' and the task's ground-truth fields "
-        "(gsm8k/math500: answer; countdown: numbers, target; sudoku: puzzle, solution). Prints JSON: "
-        "accuracy (percent), n, the mean of each reward function and of the weighted total. Malformed "
-        "lines exit with code 2 and a message naming the line and field.",
+        "(gsm8k/math500: answer; countdown: numbers, target; sudoku: puzzle, solution); d1's own "
+        "*_generations.json files are read as they are. Prints JSON: accuracy (percent) under the protocol, "
+        "n, the mean of each reward function and of the weighted total. Malformed lines exit with code 2 "
+        "and a message naming the line and field.",
     )
     p.add_argument("--task", required=True, choices=TASK_NAMES, help="Task whose rewards and metrics apply.")
-    p.add_argument("--input", required=True, help="JSONL file of completions and ground-truth fields.")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                   help="JSONL file(s) of completions and ground-truth fields, or d1 generations JSON file(s); "
+                   "several files are scored together.")
+    p.add_argument("--protocol", default="default", choices=PROTOCOLS,
+                   help="Accuracy protocol: default (our answer reading; math-verify for MATH500) or reference "
+                   "(the published d1 evaluation parser's decisions, to compare with published numbers).")
     p.add_argument("--output", help="Write each input line with its rewards, total and correct flag here (JSONL).")
     p.set_defaults(func=_cmd_score)
 

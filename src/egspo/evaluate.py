@@ -16,7 +16,7 @@ steps = L_c * steps_ratio, block 32), prompts sorted by length so that a batch p
     OUTPUT/{task}_accuracy.png                        accuracy per checkpoint step, one line per length
     OUTPUT/{variant}/variant.json                     what the variant is (model, weights, settings)
     OUTPUT/{variant}/{task}_{L}.generations.jsonl     one line per item: index, prompt, the row's fields, completion
-    OUTPUT/{variant}/{task}_{L}.metrics.json          task metrics (accuracy in %), n, seconds, settings
+    OUTPUT/{variant}/{task}_{L}.metrics.json          task metrics (accuracy in %, both protocols), n, seconds, settings
 
 Generations are appended and flushed batch by batch (each process to its own
 ``.generations.part{rank}.jsonl``; the main process merges them), so a killed run resumes where it
@@ -54,6 +54,7 @@ from egspo.rl.data import prompt_text
 from egspo.sampling import sample
 from egspo.seeding import stream
 from egspo.tasks import Task, get_task
+from egspo.tasks.base import PROTOCOLS, check_protocol, side_by_side_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +165,16 @@ def evaluate_rows(
     *,
     batch_size: int = 16,
     seed: int = 0,
+    protocol: str = "default",
     metrics: bool = True,
 ) -> tuple[list[str], dict[str, float]]:
     """Generate for ``rows`` in this process (no files) and score: (completions in row order, task metrics;
-    empty with ``metrics=False``). ``task`` builds the prompts of rows without a ``prompt`` column."""
+    empty with ``metrics=False``). ``task`` builds the prompts of rows without a ``prompt`` column.
+
+    The metrics hold both scoring protocols: ``protocol``'s under their names (``accuracy``), the other's
+    suffixed (``accuracy_reference``, or ``accuracy_default`` when ``protocol`` is "reference").
+    """
+    check_protocol(protocol)
     prompts = prompt_texts(task, tokenizer, rows)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     completions: list[str] = [""] * len(rows)
@@ -176,7 +183,9 @@ def evaluate_rows(
                                _generator(dlm.device, seed, batch[0]))
         for i, text in zip(batch, texts, strict=True):
             completions[i] = text
-    return completions, task.metrics(completions, rows) if metrics and task is not None else {}
+    if not metrics or task is None:
+        return completions, {}
+    return completions, side_by_side_metrics(task, completions, rows, primary=protocol)
 
 
 # -- model variants -----------------------------------------------------------------------------
@@ -498,6 +507,7 @@ def evaluate(
     num_eval: int = 200,
     seed: int = 42,
     task_options: dict[str, Any] | None = None,
+    protocol: str = "default",
 ) -> dict[str, Any]:
     """Evaluate the variants (see :func:`resolve_variants`) at every ``eval_cfg.gen_lengths``; resumable.
 
@@ -505,8 +515,14 @@ def evaluate(
     ``num_eval`` items of the task's generator drawn with ``seed`` (by default the config's default ``seed``);
     then the first ``eval_cfg.limit``. Returns this task's summary, also merged into
     ``OUTPUT/summary.json``: ``results[variant][gen_length]`` is the metrics dict (``accuracy`` in percent,
-    the task's other metrics, ``n``, ``seconds``, ...). Every process returns it.
+    the task's other metrics, ``n``, ``seconds``, ...). Every process returns it. Metrics are scored
+    under both protocols: ``protocol``'s keep their names (and make the plot), the other's are
+    suffixed (``accuracy_reference`` or ``accuracy_default``).
     """
+    try:
+        check_protocol(protocol)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     model_cfg = ModelConfig(name_or_path=model) if isinstance(model, str) else model
     task = get_task_or_fail(task_name)
     variants = resolve_variants(adapter, checkpoints)
@@ -552,7 +568,7 @@ def evaluate(
             if state.is_main_process:
                 completions = [line["completion"] for line in _read_lines(paths.generations)]
                 metrics = {
-                    **task.metrics(completions, rows),
+                    **side_by_side_metrics(task, completions, rows, primary=protocol), "protocol": protocol,
                     "n": len(rows), "variant": variant.name, "step": variant.step, "task": task.name,
                     "gen_length": length, "seconds": round(seconds, 3), "generated": generated, "reused": reused,
                     "settings": {**dataclasses.asdict(sampler_cfg), "batch_size": eval_cfg.batch_size,
@@ -560,13 +576,15 @@ def evaluate(
                                  "weights": str(variant.weights) if variant.weights else None},
                 }
                 _write_json(paths.metrics, metrics)
-                logger.info("%s %s L=%d: accuracy %.2f%% (n=%d)", variant.name, task.name, length,
-                            metrics["accuracy"], len(rows))
+                other = next(p for p in PROTOCOLS if p != protocol)
+                logger.info("%s %s L=%d: accuracy %.2f%% (%s protocol), %.2f%% (%s) (n=%d)", variant.name, task.name,
+                            length, metrics["accuracy"], protocol, metrics[f"accuracy_{other}"], other, len(rows))
             state.wait_for_everyone()
             results[variant.name][length] = json.loads(paths.metrics.read_text(encoding="utf-8"))
 
     plot = output / f"{task.name}_accuracy.png" if len(variants) > 1 else None
-    summary = {"task": task.name, "metric": "accuracy", "gen_lengths": list(eval_cfg.gen_lengths),
+    summary = {"task": task.name, "metric": "accuracy", "protocol": protocol,
+               "gen_lengths": list(eval_cfg.gen_lengths),
                "variants": [{"name": v.name, "step": v.step, "kind": v.kind,
                              "weights": str(v.weights) if v.weights else None} for v in variants],
                "results": results, "plot": str(plot) if plot else None}

@@ -4,6 +4,10 @@ A task turns data rows (plain dicts: a question plus ground-truth columns) into 
 completions with reward functions in the TRL signature ``fn(prompts, completions, **columns) ->
 list[float | None]`` (``columns`` are the rows' fields, one list per field). Each reward function has a
 weight and says whether it measures correctness (the step rewards of EGSPO-SA may use only those).
+
+Accuracy has two protocols (:data:`PROTOCOLS`): ``default``, our own reading of answers
+(:meth:`Task.metrics`), and ``reference``, the published d1 evaluation parser's decisions
+(:meth:`Task.reference_metrics`, see :mod:`egspo.tasks.reference`), for comparing with published numbers.
 """
 
 from __future__ import annotations
@@ -32,9 +36,27 @@ def format_completion(reasoning: str, answer: str) -> str:
     return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>"
 
 
+#: Accuracy protocols: our own answer reading, and the published d1 evaluation parser's.
+PROTOCOLS = ("default", "reference")
+#: (right, out of) for one completion: (1, 1) or (0, 1) for all-or-nothing tasks, cells for Sudoku.
+Parts = tuple[int, int]
+
+
 def percent_full(scores: Sequence[float | None]) -> float:
     """Percent of rows whose correctness score is full (1.0): the accuracy of all-or-nothing tasks."""
     return 100.0 * sum(score is not None and score >= 1.0 - 1e-9 for score in scores) / max(len(scores), 1)
+
+
+def pooled_percent(parts: Sequence[Parts]) -> float:
+    """100 * total right / total out of: d1's accuracy (per problem, or per empty cell for Sudoku)."""
+    return 100.0 * sum(right for right, _ in parts) / max(sum(out_of for _, out_of in parts), 1)
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` itself when it is one of :data:`PROTOCOLS`; ValueError naming them otherwise."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown scoring protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+    return protocol
 
 
 @dataclass(frozen=True)
@@ -86,4 +108,39 @@ class Task(ABC):
 
     @abstractmethod
     def metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-        """Evaluation metrics over completions; must include ``accuracy`` in percent (reference protocol)."""
+        """Evaluation metrics over completions; must include ``accuracy`` in percent (default protocol)."""
+
+    def reference_parts(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[Parts] | None:
+        """(right, out of) per completion as the published evaluation parser decides; None when the task
+        has no published parser (its reference protocol is then the default one)."""
+        return None
+
+    def reference_metrics(
+        self, completions: Sequence[str], rows: Sequence[dict[str, Any]]
+    ) -> dict[str, float] | None:
+        """Metrics under the reference protocol (``accuracy`` pooled as d1 does); None without one."""
+        parts = self.reference_parts(completions, rows)
+        return None if parts is None else {"accuracy": pooled_percent(parts)}
+
+
+def protocol_metrics(
+    task: Task, completions: Sequence[str], rows: Sequence[dict[str, Any]], protocol: str = "default"
+) -> dict[str, float]:
+    """The task's metrics under ``protocol`` (see :data:`PROTOCOLS`)."""
+    if check_protocol(protocol) == "reference":
+        reference = task.reference_metrics(completions, rows)
+        if reference is not None:
+            return reference
+    return task.metrics(completions, rows)
+
+
+def side_by_side_metrics(
+    task: Task, completions: Sequence[str], rows: Sequence[dict[str, Any]], primary: str = "default"
+) -> dict[str, float]:
+    """Both protocols' metrics: ``primary``'s under their names (``accuracy``), the other's with its
+    name appended (``accuracy_reference`` or ``accuracy_default``)."""
+    default = task.metrics(completions, rows)
+    reference = task.reference_metrics(completions, rows)
+    by_protocol = {"default": default, "reference": default if reference is None else reference}
+    (other,) = [p for p in PROTOCOLS if p != check_protocol(primary)]
+    return {**by_protocol[primary], **{f"{key}_{other}": value for key, value in by_protocol[other].items()}}

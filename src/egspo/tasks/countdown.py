@@ -27,8 +27,9 @@ from fractions import Fraction
 from typing import Any
 
 from egspo.tasks.answers import final_answer
-from egspo.tasks.base import RewardFunction, Task, chat, format_completion, percent_full
+from egspo.tasks.base import Parts, RewardFunction, Task, chat, format_completion, percent_full
 from egspo.tasks.data import FieldError, as_int, check_split, generator_rng, get_field, load_rows, split_of
+from egspo.tasks.reference import reference_countdown_correct
 
 WRONG_ANSWER_SCORE = 0.1
 NUMBER_RANGE = (1, 100)  # numbers and targets, as in the reference test set
@@ -281,3 +282,7 @@ class CountdownTask(Task):
     def metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         scores = [countdown_score(c, row["numbers"], row["target"]) for c, row in zip(completions, rows)]
         return {"accuracy": percent_full(scores)}
+
+    def reference_parts(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[Parts]:
+        return [(int(reference_countdown_correct(c, row["numbers"], row["target"])), 1)
+                for c, row in zip(completions, rows)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -26,8 +27,9 @@ from egspo.tasks.answers import (
     numbers_equal,
     parse_number,
 )
-from egspo.tasks.base import SYSTEM_PROMPT, RewardFunction, Task, chat, format_completion, percent_full
+from egspo.tasks.base import SYSTEM_PROMPT, Parts, RewardFunction, Task, chat, format_completion, percent_full
 from egspo.tasks.data import DataError, FieldError, check_split, load_rows, text_field
+from egspo.tasks.reference import reference_gsm8k_correct, reference_math_correct
 
 logger = logging.getLogger(__name__)
 
@@ -104,26 +106,38 @@ def gsm8k_final_number(answer: str) -> str:
 # MATH500 equivalence
 
 
+MATH_VERIFY_TIMEOUT = 5  # seconds per parse / comparison, on the main thread only (see math_equivalent)
+
+
 @functools.cache
 def _math_verify() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
     try:
         from math_verify import parse, verify
     except ImportError:
         logger.warning("math-verify is not installed: MATH answers are compared by normalised strings "
-                       "(pip install 'egspo[math]' for symbolic equivalence).")
+                       "(pip install math-verify for symbolic equivalence).")
         return None
     return parse, verify
 
 
 def math_equivalent(predicted: str, reference: str) -> bool:
-    """Whether two final answers are equivalent: math-verify when installed, else :func:`latex_equivalent`."""
+    """Whether two final answers are equivalent: math-verify when installed, else :func:`latex_equivalent`.
+
+    math-verify's timeouts use ``signal.alarm``, which works only on the main thread; elsewhere (a
+    worker thread, a data loader) they are switched off, so it gives the same decisions there instead
+    of failing. Any failure that still falls back to the string comparison is logged at WARNING.
+    """
     functions = _math_verify()
     if functions is not None:
         parse, verify = functions
+        timeout = MATH_VERIFY_TIMEOUT if threading.current_thread() is threading.main_thread() else None
         try:
-            return bool(verify(parse(f"\\boxed{{{reference}}}"), parse(f"\\boxed{{{predicted}}}")))
-        except Exception:  # math-verify's timeouts use signals, which fail outside the main thread
-            logger.debug("math-verify failed on %r vs %r; comparing strings", predicted, reference, exc_info=True)
+            gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=timeout)
+            answer = parse(f"\\boxed{{{predicted}}}", parsing_timeout=timeout)
+            return bool(verify(gold, answer, timeout_seconds=timeout))
+        except Exception:  # whatever math-verify raises, the answer is still compared, and we say so
+            logger.warning("math-verify failed on %r vs %r; comparing normalised strings instead.",
+                           predicted, reference, exc_info=True)
     return latex_equivalent(predicted, reference)
 
 
@@ -218,6 +232,13 @@ class _FinalAnswerTask(Task):
         correctness = next(f for f in self.reward_functions() if f.correctness)
         return {"accuracy": percent_full(correctness.fn([], completions, answer=[row["answer"] for row in rows]))}
 
+    @abstractmethod
+    def reference_correct(self, completion: str, answer: str) -> bool:
+        """Whether the published parser counts ``completion`` right for a row's ``answer``."""
+
+    def reference_parts(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[Parts]:
+        return [(int(self.reference_correct(c, row["answer"])), 1) for c, row in zip(completions, rows)]
+
 
 class GSM8KTask(_FinalAnswerTask):
     """Grade-school word problems; the answer is a number (``openai/gsm8k`` by default, needs datasets)."""
@@ -240,6 +261,9 @@ class GSM8KTask(_FinalAnswerTask):
 
     def messages(self, row: dict[str, Any], for_eval: bool = False) -> list[dict[str, str]]:
         return chat(row["question"], BOXED_SYSTEM_PROMPT if for_eval else SYSTEM_PROMPT)
+
+    def reference_correct(self, completion: str, answer: str) -> bool:
+        return reference_gsm8k_correct(completion, answer)
 
     def reward_functions(self) -> list[RewardFunction]:
         return [
@@ -274,6 +298,9 @@ class Math500Task(_FinalAnswerTask):
 
     def messages(self, row: dict[str, Any], for_eval: bool = False) -> list[dict[str, str]]:
         return chat(row["question"], BOXED_SYSTEM_PROMPT)
+
+    def reference_correct(self, completion: str, answer: str) -> bool:
+        return reference_math_correct(completion, answer)
 
     def reward_functions(self) -> list[RewardFunction]:
         return [

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from egspo.tasks.answers import clean_completion, last_answer_block
-from egspo.tasks.base import RewardFunction, Task, chat, format_completion
+from egspo.tasks.base import Parts, RewardFunction, Task, chat, format_completion, pooled_percent
 from egspo.tasks.data import FieldError, check_split, generator_rng, load_rows, split_of, text_field
+from egspo.tasks.reference import reference_sudoku_cells
 
 CELLS = 16
 MAX_BLANKS = 12  # a 4x4 Sudoku with a unique solution needs at least 4 givens
@@ -224,11 +225,18 @@ class SudokuTask(Task):
         return [RewardFunction("correctness", sudoku_reward, weight=1.0, correctness=True)]
 
     def metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-        right_total = empty_total = solved = 0
-        for completion, row in zip(completions, rows):
-            right, empty = empty_cells_right(completion, row["puzzle"], row["solution"])
-            right_total, empty_total, solved = right_total + right, empty_total + empty, solved + (right == empty)
-        return {
-            "accuracy": 100.0 * right_total / max(empty_total, 1),
-            "puzzle_accuracy": 100.0 * solved / max(len(rows), 1),
-        }
+        return cell_metrics([empty_cells_right(c, row["puzzle"], row["solution"]) for c, row in zip(completions, rows)])
+
+    def reference_parts(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[Parts]:
+        return [reference_sudoku_cells(c, row["puzzle"], row["solution"]) for c, row in zip(completions, rows)]
+
+    def reference_metrics(self, completions: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+        return cell_metrics(self.reference_parts(completions, rows))
+
+
+def cell_metrics(cells: Sequence[Parts]) -> dict[str, float]:
+    """Cell-level ``accuracy`` over all empty cells (what d1 reports) and ``puzzle_accuracy``, in percent."""
+    return {
+        "accuracy": pooled_percent(cells),
+        "puzzle_accuracy": 100.0 * sum(right == empty for right, empty in cells) / max(len(cells), 1),
+    }
