@@ -100,7 +100,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         adapter=args.adapter, checkpoints=args.checkpoints,
         data=args.data or (cfg.eval_file if same_task else None),
         num_eval=args.num_eval or cfg.num_eval, seed=cfg.seed if args.seed is None else args.seed,
-        task_options=cfg.task_options if same_task else None,
+        task_options=cfg.task_options if same_task else None, protocol=args.protocol or cfg.scoring_protocol,
     )
     if process_state().is_main_process:
         other = "reference" if summary["protocol"] == "default" else "default"
@@ -166,6 +166,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from egspo.tasks.base import PROTOCOLS
+
     parser = argparse.ArgumentParser(
         prog="egspo",
         description="RL fine-tuning of diffusion language models: EGSPO-SA and diffu-GRPO.",
@@ -243,11 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval", type=int, help="Items drawn from a task generator (default: num_eval).")
     p.add_argument("--output", help="Output directory (default: RUN_DIR/eval with --checkpoints, else ./evals).")
     p.add_argument("--seed", type=int, help="Seed of generated test items (default: the config's seed).")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="Accuracy protocol named first (default: the config's "
+                   "scoring_protocol, 'default'); the other is reported beside it.")
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval)
 
     from egspo.tasks import TASK_NAMES
-    from egspo.tasks.base import PROTOCOLS
 
     p = sub.add_parser(
         "score", help="Score finished completions with a task's reward functions and accuracy protocol.",

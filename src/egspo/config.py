@@ -388,6 +388,9 @@ class EGSPOConfig:
     per_device_eval_batch_size: int = _f(16, "Prompts per evaluation generation batch per process.",
                                          legacy="eval.batch_size")
     eval_limit: int | None = _f(None, "Evaluate only the first N items.", legacy="eval.limit")
+    scoring_protocol: Literal["default", "reference"] = _f(
+        "default", "Accuracy protocol of evaluations: default (our answer reading; math-verify for MATH500) or "
+        "reference (the published d1 parser's decisions); the other is reported beside it (docs/tasks.md).")
 
     # -- hub --------------------------------------------------------------------------------------
     push_to_hub: bool = _f(False, "Push the final model (adapter or weights, model card) to the hub at the end.")

@@ -64,6 +64,7 @@ from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator,
 from egspo.sampling import sample
 from egspo.seeding import stream
 from egspo.tasks import Task
+from egspo.tasks.base import side_by_side_metrics
 from egspo.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -648,7 +649,8 @@ class EGSPOTrainer:
                                                eval_cfg.sampler_for(length), batch_size=eval_cfg.batch_size,
                                                seed=cfg.seed, metrics=False)
             completions = completions[: len(share)]
-            local = dict(self.task.metrics(completions, share)) if self.task is not None else {}
+            local = side_by_side_metrics(self.task, completions, share, cfg.scoring_protocol) \
+                if self.task is not None else {}
             prompts = [reward_prompt(row, prompt_text(self.processing_class, row, self.task, for_eval=True))
                        for row in share]
             rewards, _ = self.scorer.score(prompts, completions, share, conversational=self.conversational)
