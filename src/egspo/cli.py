@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--checkpoints", metavar="RUN_DIR",
                          help="Evaluate the base model, then every checkpoint-N of this run directory.")
     p.add_argument("--task", help="Task name (default: task.name).")
-    p.add_argument("--data", help="Test data file or hub dataset (default: task.eval_file, else the task's generator).")
+    p.add_argument("--data", help="Test data file, builtin:sudoku-test / builtin:countdown-test (the reference sets) or "
+                   "hub dataset (default: task.eval_file, else the task's generator).")
     p.add_argument("--gen-lengths", type=_gen_lengths, help="Comma-separated completion lengths (default 128,256,512).")
     p.add_argument("--block-length", type=int, help="Sampler block length (default: 32).")
     p.add_argument("--steps-ratio", type=float, help="Denoising steps per completion token (default: 0.5).")

@@ -188,9 +188,10 @@ def resolve_source(name_or_path: str) -> str:
 def builtin_dir(name: str) -> Path:
     """The directory of a model shipped in the package (``egspo/assets/NAME``)."""
     path = Path(str(resources.files("egspo") / "assets" / name))
-    if path.is_dir():
+    if (path / "config.json").is_file():
         return path
-    shipped = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
+    # assets/ also holds data (assets/data): only directories with a config.json are models
+    shipped = sorted(p.parent.name for p in path.parent.glob("*/config.json")) if path.parent.is_dir() else []
     raise ModelLoadError(
         f"builtin:{name} is not available in this installation (expected the directory {path}). Built-in "
         f"models: {', '.join(f'builtin:{n}' for n in [*PRESETS, *shipped])} ('builtin:tiny' is a random-init "
