@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from egspo.config import ConfigError, load_config
+from egspo.quiet import quiet_third_party
 
 logger = logging.getLogger("egspo")
 
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="egspo",
         description="RL fine-tuning of diffusion language models: EGSPO-SA and diffu-GRPO.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Debug logging, and third-party warnings that are hidden by default.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -227,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    quiet_third_party(verbose=args.verbose)  # before the commands import deepspeed & co.
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
