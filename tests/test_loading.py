@@ -259,8 +259,8 @@ def hub_calls(monkeypatch):
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
 def test_offline_variable_fails_at_once_with_a_sentence(hub_calls, monkeypatch, variable):
     monkeypatch.setenv(variable, "1")
-    with pytest.raises(ModelLoadError, match=rf"'someone/model' is not a local directory nor in the Hugging Face "
-                                             rf"cache, and the hub is offline \({variable}=1 is set; unset it"):
+    with pytest.raises(ModelLoadError, match=rf"'someone/model' is neither a local directory nor in the Hugging "
+                                             rf"Face cache, and the hub is offline \({variable}=1 is set; unset it"):
         load_model(_cfg("someone/model"))
     assert hub_calls == {"config": [], "probe": []}  # neither the hub nor the network was tried
 

@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"PYTHONPATH": str(SRC)}
     return subprocess.run([sys.executable, "-m", "egspo.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
 
 
 def _noise(text: str) -> list[str]:

@@ -59,7 +59,7 @@ def probe_address(endpoint: str) -> tuple[str, int]:
     return host, parts.port or (443 if parts.scheme == "https" else 80)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _connection_problem(host: str, port: int) -> str | None:
     # In a daemon thread: name resolution is not covered by the socket timeout and can hang longer.
     outcome: list[str | None] = []

@@ -246,8 +246,8 @@ def _check_hub_usable(name: str) -> None:
     reason = hub.offline_reason()
     if reason is not None:
         raise ModelLoadError(
-            f"model.name_or_path={name!r} is not a local directory nor in the Hugging Face cache, and the hub is "
-            f"offline ({reason}): give the path of a downloaded model directory, or go online to download it."
+            f"model.name_or_path={name!r} is neither a local directory nor in the Hugging Face cache, and the hub "
+            f"is offline ({reason}): give the path of a downloaded model directory, or go online to download it."
         )
 
 

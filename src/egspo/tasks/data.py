@@ -3,9 +3,9 @@
 A source is a local file (by extension), a reference test set shipped with the package
 (``builtin:sudoku-test``, ``builtin:countdown-test``; see :data:`BUILTIN_DATA`) or, when no such file
 exists, a hub dataset name read through the optional ``datasets`` package (``name`` or ``name:config``,
-e.g. ``openai/gsm8k:main``). Every raw
-row is a :class:`Record` that knows where it came from, so a task's row converter can raise
-:class:`FieldError` and the reader turns it into a :class:`DataError` naming the file, line and field:
+e.g. ``openai/gsm8k:main``). Every raw row is a :class:`Record` that knows where it came from, so a
+task's row converter can raise :class:`FieldError` and the reader turns it into a :class:`DataError`
+naming the file, line and field:
 
     rows = load_rows("train.jsonl", "train", task.to_row)
     # DataError: train.jsonl line 12: field 'target' is missing
