@@ -221,3 +221,86 @@ def test_dream_remote_tokenizer_loads_as_qwen2_without_remote_code(tmp_path):
     assert dlm.shift == 1 and dlm.mask_id == n + 2 and dlm.stop_ids == (n, n + 1)
     text = "Hello world 12<|im_end|>"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_builtin_data_directory_is_not_a_model():
+    with pytest.raises(ModelLoadError, match="builtin:data is not available") as info:
+        load_model(_cfg("builtin:data"))
+    assert "builtin:sudoku-tiny" in str(info.value) and "builtin:data," not in str(info.value)
+
+
+# -- hub names that are not on disk ----------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Stand-ins for the hub (config download) and the network probe; records what was asked of them."""
+    from egspo.models import hub, loading
+
+    calls = {"config": [], "probe": []}
+
+    def get_config_dict(name, *args, **kwargs):
+        calls["config"].append(name)
+        raise OSError("stub hub: no such model")
+
+    def probe(host, port):
+        calls["probe"].append((host, port))
+        return calls.get("problem")
+
+    for variable in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading.PretrainedConfig, "get_config_dict", get_config_dict)
+    monkeypatch.setattr(hub, "_connection_problem", probe)
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+    return calls
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_variable_fails_at_once_with_a_sentence(hub_calls, monkeypatch, variable):
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(ModelLoadError, match=rf"'someone/model' is neither a local directory nor in the Hugging "
+                                             rf"Face cache, and the hub is offline \({variable}=1 is set; unset it"):
+        load_model(_cfg("someone/model"))
+    assert hub_calls == {"config": [], "probe": []}  # neither the hub nor the network was tried
+
+
+def test_unreachable_hub_fails_at_once_with_a_sentence(hub_calls):
+    hub_calls["problem"] = "[Errno 101] Network is unreachable"
+    with pytest.raises(ModelLoadError, match=r"hub is offline \(huggingface\.co:443 cannot be reached: \[Errno 101\] "
+                                             r"Network is unreachable.*give the path of a downloaded model"):
+        load_tokenizer(_cfg("someone/model"))
+    assert hub_calls["config"] == [] and hub_calls["probe"] == [("huggingface.co", 443)]
+
+
+def test_reachable_or_cached_hub_names_take_the_hub_path(hub_calls, monkeypatch):
+    from egspo.models import hub
+
+    with pytest.raises(ModelLoadError, match="could not read the config of 'someone/model'.*stub hub"):
+        load_model(_cfg("someone/model"))  # online: from_pretrained's path, as before
+    assert hub_calls["config"] == ["someone/model"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo_id, filename: f"/cache/{repo_id}/{filename}")
+    with pytest.raises(ModelLoadError, match="stub hub"):
+        load_model(_cfg("someone/cached"))  # offline but cached: transformers reads the cache
+    assert hub_calls["config"] == ["someone/model", "someone/cached"]
+
+
+def test_probe_connects_to_the_endpoint_or_its_proxy(monkeypatch):
+    import socket
+
+    from egspo.models import hub
+
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY",
+                     "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    assert hub.probe_address("https://huggingface.co") == ("huggingface.co", 443)
+    assert hub.probe_address("http://mirror.local:8080") == ("mirror.local", 8080)
+    monkeypatch.setenv("https_proxy", "http://proxy.local:3128")
+    assert hub.probe_address("https://huggingface.co") == ("proxy.local", 3128)
+    with socket.socket() as server:  # a port that listens, then one that does not
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert hub._connection_problem("127.0.0.1", port) is None
+    assert hub._connection_problem.__wrapped__("127.0.0.1", port) is not None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -228,16 +230,35 @@ print(json.dumps(out))
 """
 
 
+@pytest.fixture
+def world_dir():
+    """A directory ``nobody`` can reach: pytest's tmp_path (and a clone of this repository, e.g. under
+    /root) may sit below directories only their owner can enter."""
+    path = Path(tempfile.mkdtemp(prefix="egspo-nobody-"))
+    try:
+        path.chmod(0o755)
+        blocked = [str(d) for d in path.parents if not d.stat().st_mode & 0o001]
+        if blocked:
+            pytest.skip(f"the temporary directory's ancestors {blocked} are not traversable by nobody")
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.skipif(not IS_ROOT or not os.path.exists("/usr/bin/python3"),
                     reason="needs root to become nobody, and a system python3 nobody can run")
-def test_non_root_mode_as_nobody(tmp_path):
-    nobody_dir = tmp_path / "nobody"
+def test_non_root_mode_as_nobody(world_dir):
+    # nobody runs a world-readable copy of sandbox.py (standard library only): the checkout may be
+    # unreadable to it, and the launcher re-runs the file it was loaded from.
+    script = world_dir / "sandbox.py"
+    shutil.copyfile(sandbox.__file__, script)
+    script.chmod(0o644)
+    nobody_dir = world_dir / "nobody"
     nobody_dir.mkdir()
     os.chown(nobody_dir, 65534, 65534)
-    os.chmod(tmp_path, 0o755)
     target = nobody_dir / "pwned.txt"
     proc = subprocess.run(
-        ["/usr/bin/python3", "-I", "-c", _NON_ROOT_HELPER, sandbox.__file__, str(target)],
+        ["/usr/bin/python3", "-I", "-c", _NON_ROOT_HELPER, str(script), str(target)],
         capture_output=True, text=True, timeout=40, user=65534, group=65534, extra_groups=[], cwd="/",
         env={"PATH": "/usr/bin:/bin"},
     )

@@ -115,3 +115,16 @@ def test_hub_source_through_datasets(monkeypatch):
     assert calls == [("openai/x", "main", "test")]
     with pytest.raises(DataError, match=r"Cannot load hub dataset 'missing/set' \(split 'train'\): Dataset"):
         load_rows("missing/set", "train", _to_row)
+
+
+def test_builtin_reference_sets_and_unknown_names(monkeypatch):
+    from egspo.evaluate import load_eval_rows
+    from egspo.tasks import get_task
+
+    # what a user passes as task.eval_file or `egspo eval --data`: the shipped sets, never the hub
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    rows = load_eval_rows(get_task("countdown"), "builtin:countdown-test", num_eval=1, seed=0, limit=None)
+    assert len(rows) == 256
+    with pytest.raises(DataError, match=r"'builtin:sudoku' is not a built-in data set; the built-in ones are "
+                                        r"builtin:sudoku-test, builtin:countdown-test\."):
+        list(read_records("builtin:sudoku"))

@@ -5,6 +5,11 @@ A checkpoint holds the trainable weights (the LoRA adapter in peft's format, usa
 trainer state (step, data position), plus the resolved config. Only directories that were renamed
 into place count as checkpoints, so a run killed mid-save never leaves a partial "latest" one.
 
+The last file written into a checkpoint is ``manifest.json``: every other file's relative path, size
+and SHA-256. A file damaged afterwards (a disk that filled up, a copy cut short, a crash before the
+data reached the disk) no longer matches it: :func:`latest_checkpoint` then warns and resumes from the
+newest checkpoint that does, and :func:`verify_checkpoint` refuses a named one with the file at fault.
+
 Under sharded training the weights are always written whole (a complete adapter or model that loads
 in one process), and every process takes part in gathering them:
 
@@ -20,8 +25,10 @@ in one process), and every process takes part in gathering them:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -44,6 +51,13 @@ _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_o
 #: The DeepSpeed engine's own checkpoint (partitioned optimizer state) inside a checkpoint directory.
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
+#: Written last into every checkpoint: each file's size and SHA-256.
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 8 * 1024 * 1024  # bytes read at a time: hashing streams, never holds a file in memory
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint directory is incomplete or damaged; the message names the checkpoint and the file."""
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -56,13 +70,93 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that matches its manifest; None if the run has no checkpoint.
+
+    Damaged checkpoints are skipped with a warning naming the file at fault; if every checkpoint is
+    damaged, :class:`CheckpointError` says so (starting over would silently discard the run).
+    """
     ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    problems = []
+    for ckpt in reversed(ckpts):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as exc:
+            logger.warning("%s; skipping it.", exc)
+            problems.append(str(exc))
+            continue
+        if problems:
+            logger.warning("Resuming from %s, the newest intact checkpoint of %s.", ckpt.name, run_dir)
+        return ckpt
+    if problems:
+        raise CheckpointError(f"{run_dir} has no intact checkpoint: " + "; ".join(problems)
+                              + ". Move the damaged checkpoints away to start the run over.")
+    return None
+
+
+def write_manifest(checkpoint: str | Path) -> Path:
+    """Record every file of ``checkpoint`` (relative path, size, SHA-256) in its ``manifest.json``, atomically."""
+    checkpoint = Path(checkpoint)
+    files = {
+        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and path.name not in (MANIFEST, MANIFEST + ".tmp")
+    }
+    tmp = checkpoint / (MANIFEST + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump({"version": 1, "files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    final = checkpoint / MANIFEST
+    os.replace(tmp, final)
+    return final
+
+
+def verify_checkpoint(checkpoint: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the file unless every file in the manifest is there, whole.
+
+    Sizes are checked first (a truncated file is found without reading anything), then checksums.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint} is not a checkpoint directory (it does not exist or is a file)")
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))
+        files = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no {MANIFEST}, so its files cannot be checked (it was written by an "
+            "egspo without manifests, or copied partially); if you know it is complete, record it with "
+            f"`python -c \"from egspo.checkpoint import write_manifest; write_manifest('{checkpoint}')\"`"
+        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {MANIFEST} is unreadable ({exc!r})") from None
+    for name, (expected, _) in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} is damaged: {name} is missing")
+        size = path.stat().st_size
+        if size != expected:
+            raise CheckpointError(f"checkpoint {checkpoint} is damaged: {name} has {size} bytes where "
+                                  f"{expected} were written (truncated or overwritten)")
+    for name, (_, sha256) in files.items():
+        if _sha256(checkpoint / name) != sha256:
+            raise CheckpointError(f"checkpoint {checkpoint} is damaged: the contents of {name} changed since it "
+                                  "was written (SHA-256 mismatch)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(_HASH_CHUNK))
+    with path.open("rb", buffering=0) as handle:
+        while read := handle.readinto(buffer):
+            digest.update(buffer[:read])
+    return digest.hexdigest()
 
 
 def check_fresh_or_resume(run_dir: str | Path, resume: bool) -> None:
     """Refuse to start a new run over an old run's checkpoints (they would be mixed and pruned)."""
-    existing = latest_checkpoint(run_dir)
+    ckpts = list_checkpoints(run_dir)  # damaged ones count too: they would be overwritten
+    existing = ckpts[-1] if ckpts else None
     if existing is not None and not resume:
         raise ConfigError(
             f"output_dir={str(run_dir)!r} already holds checkpoints (latest: {existing.name}): pass --resume "
@@ -204,6 +298,7 @@ def save_checkpoint(
         save_config(config, tmp / "config.yaml")
     barrier()
     if process_index == 0:
+        write_manifest(tmp)  # last: every process's files are in place
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

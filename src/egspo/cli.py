@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from egspo.config import ConfigError, EGSPOConfig, field_help, load_config
+from egspo.quiet import quiet_third_party
 
 logger = logging.getLogger("egspo")
 LM_EVAL_COMMAND = "lm-eval"
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="egspo",
         description="RL fine-tuning of diffusion language models: EGSPO-SA and diffu-GRPO.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging and third-party warnings.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Debug logging, and third-party warnings that are hidden by default.")
     parser.add_argument("--debug", action="store_true", help="Show a traceback for user errors too.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -235,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--checkpoints", metavar="RUN_DIR",
                          help="Evaluate the base model, then every checkpoint-N of this run directory.")
     p.add_argument("--task", help="Task name (default: the config's task).")
-    p.add_argument("--data", help="Test data file, hub dataset or builtin:NAME (default: eval_file, else the task's "
-                   "generator).")
+    p.add_argument("--data", help="Test data file, builtin:sudoku-test / builtin:countdown-test (the reference sets) or "
+                   "hub dataset (default: eval_file, else the task's generator).")
     p.add_argument("--gen-lengths", type=_gen_lengths, help="Comma-separated completion lengths (default 128,256,512).")
     p.add_argument("--block-length", type=int, help="Sampler block length (default: 32).")
     p.add_argument("--steps-ratio", type=float, help="Denoising steps per completion token (default: 0.5).")
@@ -299,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    quiet_third_party(verbose=args.verbose)  # before the commands import deepspeed & co.
     logging.captureWarnings(True)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -7,7 +7,9 @@
 - ``builtin:tiny`` / ``builtin:small``: a random-init LLaDA-architecture preset with the character
   tokenizer, built in memory (seed 0, so every process and every run gets the same weights);
 - ``builtin:NAME``: a model directory shipped in the package (``egspo/assets/NAME``, e.g. sudoku-tiny);
-- a local model directory or a Hugging Face hub name; both go through ``from_pretrained``.
+- a local model directory or a Hugging Face hub name; both go through ``from_pretrained``. A hub name
+  that is neither cached nor reachable (offline variables set, or no connection: ``egspo.models.hub``)
+  fails at once with a :class:`ModelLoadError`.
 
 Checkpoints whose ``model_type`` is ``llada`` or ``Dream`` load egspo's own implementations (registered
 with the transformers Auto classes), never their remote code: those are weight-compatible and add
@@ -32,6 +34,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
 from egspo.config import ConfigError, ModelConfig
+from egspo.models import hub
 from egspo.models.adapter import DiffusionLM, unwrap
 from egspo.models.tiny import PRESETS, random_model
 from egspo.models.tokenizer import build_char_tokenizer
@@ -188,9 +191,10 @@ def resolve_source(name_or_path: str) -> str:
 def builtin_dir(name: str) -> Path:
     """The directory of a model shipped in the package (``egspo/assets/NAME``)."""
     path = Path(str(resources.files("egspo") / "assets" / name))
-    if path.is_dir():
+    if (path / "config.json").is_file():
         return path
-    shipped = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
+    # assets/ also holds data (assets/data): only directories with a config.json are models
+    shipped = sorted(p.parent.name for p in path.parent.glob("*/config.json")) if path.parent.is_dir() else []
     raise ModelLoadError(
         f"builtin:{name} is not available in this installation (expected the directory {path}). Built-in "
         f"models: {', '.join(f'builtin:{n}' for n in [*PRESETS, *shipped])} ('builtin:tiny' is a random-init "
@@ -220,6 +224,8 @@ def _check_model_dir(path: Path) -> None:
 
 def _read_config(source: str) -> dict[str, Any]:
     local = Path(source) / "config.json"
+    if not local.is_file():
+        _check_hub_usable(source)
     try:
         if local.is_file():
             config = json.loads(local.read_text())
@@ -231,6 +237,18 @@ def _read_config(source: str) -> dict[str, Any]:
     if not config.get("model_type"):
         raise ModelLoadError(f"the config of {source!r} has no model_type: cannot tell which architecture to load.")
     return config
+
+
+def _check_hub_usable(name: str) -> None:
+    """Fail at once, not after the hub client's retries, when a model that is not on disk cannot be fetched."""
+    if hub.is_cached(name):
+        return  # from_pretrained finds it in the hub cache
+    reason = hub.offline_reason()
+    if reason is not None:
+        raise ModelLoadError(
+            f"model.name_or_path={name!r} is neither a local directory nor in the Hugging Face cache, and the hub "
+            f"is offline ({reason}): give the path of a downloaded model directory, or go online to download it."
+        )
 
 
 def _trust_remote_code(config: dict[str, Any], cfg: ModelConfig, source: str) -> bool:

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from egspo.checkpoint import (check_fresh_or_resume, latest_checkpoint, list_checkpoints, load_checkpoint,
-                              save_checkpoint)
+                              save_checkpoint, verify_checkpoint)
 from egspo.config import ConfigError, EGSPOConfig, save_config
 from egspo.evaluate import evaluate_rows, get_task_or_fail
 from egspo.models.adapter import DiffusionLM, unwrap
@@ -684,6 +684,7 @@ class EGSPOTrainer:
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint directory "
                               "(no trainer_state.json).")
+        verify_checkpoint(path)  # a named checkpoint is never swapped for another: damaged is an error
         return path
 
     def train(self, resume_from_checkpoint: bool | str | Path | None = None) -> TrainOutput:

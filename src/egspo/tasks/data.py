@@ -1,9 +1,11 @@
 """Reading task data: local jsonl/json/csv/parquet files or hub datasets, with located errors.
 
-A source is a local file (by extension) or, when no such file exists, a hub dataset name read through
-the optional ``datasets`` package (``name`` or ``name:config``, e.g. ``openai/gsm8k:main``). Every raw
-row is a :class:`Record` that knows where it came from, so a task's row converter can raise
-:class:`FieldError` and the reader turns it into a :class:`DataError` naming the file, line and field:
+A source is a local file (by extension), a reference test set shipped with the package
+(``builtin:sudoku-test``, ``builtin:countdown-test``; see :data:`BUILTIN_DATA`) or, when no such file
+exists, a hub dataset name read through the optional ``datasets`` package (``name`` or ``name:config``,
+e.g. ``openai/gsm8k:main``). Every raw row is a :class:`Record` that knows where it came from, so a
+task's row converter can raise :class:`FieldError` and the reader turns it into a :class:`DataError`
+naming the file, line and field:
 
     rows = load_rows("train.jsonl", "train", task.to_row)
     # DataError: train.jsonl line 12: field 'target' is missing
@@ -20,6 +22,7 @@ import random
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +30,12 @@ T = TypeVar("T")
 
 SPLITS = ("train", "test")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+BUILTIN_PREFIX = "builtin:"
+#: Reference test sets shipped in ``egspo/assets/data`` (the d1 project's, Apache-2.0; README.md there).
+BUILTIN_DATA = {
+    "sudoku-test": "4x4_test_sudoku.csv",  # 500 4x4 puzzles, 8 empty cells each
+    "countdown-test": "countdown_cd3_test.jsonl",  # 256 problems with 3 numbers
+}
 
 
 class DataError(ValueError):
@@ -54,7 +63,10 @@ class Record:
 
 
 def read_records(source: str, split: str = "train") -> Iterator[Record]:
-    """Raw rows of a local file (jsonl, json list, csv, parquet) or of a hub dataset's ``split``."""
+    """Raw rows of a local file (jsonl, json list, csv, parquet), a ``builtin:`` set or a hub dataset's ``split``."""
+    if source.startswith(BUILTIN_PREFIX):
+        yield from _read_file(builtin_data_path(source))
+        return
     path = Path(source)
     if path.is_file():
         yield from _read_file(path)
@@ -62,6 +74,18 @@ def read_records(source: str, split: str = "train") -> Iterator[Record]:
         raise DataError(f"Data file {source} does not exist.")
     else:
         yield from _read_hub(source, split)
+
+
+def builtin_data_path(source: str) -> Path:
+    """The file of a shipped data set named ``builtin:NAME``."""
+    name = source[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_DATA:
+        known = ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_DATA)
+        raise DataError(f"{source!r} is not a built-in data set; the built-in ones are {known}.")
+    path = Path(str(resources.files("egspo") / "assets" / "data" / BUILTIN_DATA[name]))
+    if not path.is_file():
+        raise DataError(f"{source} is missing from this installation (expected {path}): reinstall egspo.")
+    return path
 
 
 def convert_records(records: Iterable[Record], convert: Callable[[dict[str, Any]], T]) -> list[T]:
