@@ -5,7 +5,7 @@
 
 The card (README.md) says what the model is: its base model, the algorithm and its key settings, the data,
 the evaluation table of the run and its training curve. Pushing goes through ``huggingface_hub``; offline
-(``HF_HUB_OFFLINE`` or no route to the hub) it fails at once with a sentence, after the folder is written.
+(:func:`egspo.models.hub.offline_reason`) it fails at once with a sentence, after the folder is written.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from egspo.config import ConfigError
+from egspo.models.hub import offline_reason
 from egspo.report import CURVE_FILE, REPORT_FILE, eval_keys
 
 logger = logging.getLogger(__name__)
@@ -26,20 +25,6 @@ logger = logging.getLogger(__name__)
 
 class HubError(ConfigError):
     """The hub cannot be reached or refused the upload; the message says what to do."""
-
-
-def hub_offline_reason() -> str | None:
-    """Why the hub cannot be reached now (``HF_HUB_OFFLINE``, or no TCP route within 3 s), or None."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=3):
-            return None
-    except OSError as exc:
-        return f"{url.hostname} cannot be reached ({exc})"
 
 
 def _card_yaml(base_model: str, adapter: bool, args: Any) -> str:
@@ -106,7 +91,7 @@ def write_model_card(folder: str | Path, args: Any, *, base_model: str, adapter:
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool, commit_message: str) -> str:
     """Upload ``folder`` (without checkpoints) to the hub repository ``repo_id``; returns its URL."""
-    reason = hub_offline_reason()
+    reason = offline_reason()
     if reason is not None:
         raise HubError(f"Cannot push to the hub: {reason}. The model is saved in {folder}; push it later with "
                        f"`huggingface-cli upload {repo_id} {folder}` when online.")
