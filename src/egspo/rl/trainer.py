@@ -378,6 +378,8 @@ class EGSPOTrainer:
         total_tokens = float(self._gather(torch.tensor([sum(b.traj.sequences.numel() for b in batches)])).sum())
         metrics["tokens_per_second"] = total_tokens / max(sum(timings.values()), 1e-9)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if self.accelerator.device.type == "cuda":  # this process's peak so far
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
         return metrics
 
     # -- EGSPO / EGSPO-SA ---------------------------------------------------------------------------
