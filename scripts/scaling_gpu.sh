@@ -15,6 +15,7 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
 out=${OUT:-runs/scaling}
+launch="timeout 150 ${PYTHON:-python3} -m accelerate.commands.launch"
 mkdir -p "$out"
 timing=(configs/replication/rl_sudoku.yaml model_name_or_path=builtin:small max_steps=20 save_steps=0)
 curve=(output_dir=unused max_steps=50 eval_strategy=steps eval_steps=10 num_eval=200 save_steps=0)
@@ -27,20 +28,20 @@ record() {  # name rc seconds
 one_gpu() {  # name gpu config args...
     local name=$1 gpu=$2 start=$SECONDS
     shift 2
-    CUDA_VISIBLE_DEVICES=$gpu python -m egspo.cli train --config "$@" output_dir="$out/$name" > "$out/$name.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$gpu timeout 150 ${PYTHON:-python3} -m egspo.cli train --config "$@" output_dir="$out/$name" > "$out/$name.log" 2>&1
     record "$name" $? $((SECONDS - start))
 }
 
 two_gpus() {  # name accelerate-config config args...
     local name=$1 acc=$2 start=$SECONDS
     shift 2
-    accelerate launch --config_file "$acc" --num_processes 2 -m egspo.cli train --config "$@" \
+    $launch --config_file "$acc" --num_processes 2 -m egspo.cli train --config "$@" \
         output_dir="$out/$name" > "$out/$name.log" 2>&1
     record "$name" $? $((SECONDS - start))
 }
 
 demo_config() {  # the packaged demo config's path
-    python -c "import importlib.resources as r; print(r.files('egspo') / 'configs' / 'demo_sudoku.yaml')"
+    ${PYTHON:-python3} -c "import importlib.resources as r; print(r.files('egspo') / 'configs' / 'demo_sudoku.yaml')"
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpus.csv"
@@ -61,18 +62,19 @@ two_gpus curve_2gpu configs/accelerate/ddp.yaml "$demo" "${curve[@]}" per_device
 # 3. kill one process after checkpoint-30, then resume
 name=killed_2gpu
 start=$SECONDS
-accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m egspo.cli train --config "$demo" \
+$launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m egspo.cli train --config "$demo" \
     "${curve[@]}" per_device_train_batch_size=32 save_steps=10 output_dir="$out/$name" > "$out/$name.log" 2>&1 &
 launcher=$!
 until [ -d "$out/$name/checkpoint-30" ] || ! kill -0 $launcher 2>/dev/null; do sleep 0.5; done
 sleep 2
-victim=$(pgrep -P $launcher | tail -1)  # the launcher's last worker (rank 1)
+# the launcher's last python descendant (a rank-1 worker): timeout -> launcher -> workers
+victim=$(pgrep -f "output_dir=$out/$name" | tail -1)
 echo "killing process $victim (of launcher $launcher) after $(ls -d "$out/$name"/checkpoint-* | xargs -n1 basename | tr '\n' ' ')"
 kill -9 "$victim"
 wait $launcher
 record "$name" $? $((SECONDS - start))
 start=$SECONDS
-accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m egspo.cli train --config "$demo" \
+$launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m egspo.cli train --config "$demo" \
     "${curve[@]}" per_device_train_batch_size=32 save_steps=10 output_dir="$out/$name" --resume \
     > "$out/${name}_resume.log" 2>&1
 record "${name}_resume" $? $((SECONDS - start))
