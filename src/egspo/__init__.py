@@ -8,8 +8,9 @@ import logging
 
 import egspo.models  # noqa: F401  (registers LLaDA and Dream with the transformers Auto classes)
 from egspo.config import Config, load_config
+from egspo.generation import generate
 
 __version__ = "0.1.0"
-__all__ = ["Config", "load_config", "__version__"]
+__all__ = ["Config", "generate", "load_config", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
