@@ -19,6 +19,16 @@ TOY_EOS = 2
 MICRO = dict(d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=128)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores their spin-waits cost seconds
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that runs them a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def bert_dlm() -> DiffusionLM:
     """A random 2-layer BERT masked LM through the generic (non-native) adapter path."""

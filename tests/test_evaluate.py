@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import egspo.evaluate as ev
+from egspo import generation
 from egspo.cli import main
 from egspo.config import EvalConfig, ModelConfig
 from egspo.models.loading import load_model
@@ -26,15 +27,7 @@ from egspo.tasks import get_task
 
 SMALL = {"n_layers": 2, "d_model": 64, "n_heads": 2, "mlp_hidden_size": 128, "init_std": 0.3}
 FAST = ["--task", "sudoku", "--num-eval", "6", "--gen-lengths", "32", "--block-length", "16", "--batch-size", "4"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and on shared cores their spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +65,8 @@ class CountingSample:
 
 @pytest.fixture
 def counter(monkeypatch: pytest.MonkeyPatch) -> CountingSample:
-    counting = CountingSample(ev.sample)
-    monkeypatch.setattr(ev, "sample", counting)
+    counting = CountingSample(generation.sample)  # evaluation samples through egspo.generation
+    monkeypatch.setattr(generation, "sample", counting)
     return counting
 
 

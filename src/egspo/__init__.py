@@ -14,9 +14,10 @@ from typing import Any
 
 import egspo.models  # noqa: F401  (registers LLaDA and Dream with the transformers Auto classes)
 from egspo.config import Config, EGSPOConfig, load_config
+from egspo.generation import generate
 
 __version__ = "0.2.0"
-__all__ = ["Config", "EGSPOConfig", "EGSPOTrainer", "load_config", "__version__"]
+__all__ = ["Config", "EGSPOConfig", "EGSPOTrainer", "generate", "load_config", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -8,6 +8,7 @@
     egspo eval --model M [--adapter DIR | --checkpoints RUN] --task T [--gen-lengths 128,256,512]   evaluation
     egspo score --task T --input FILE.jsonl [--protocol reference] [--output FILE.jsonl]   score completions
     egspo lm-eval --model egspo --model_args pretrained=M --tasks T ...   lm-evaluation-harness (egspo[eval])
+    egspo generate --model M (--prompt TEXT ... | --input FILE) [--show-steps]   generate completions
 """
 
 from __future__ import annotations
@@ -137,6 +138,69 @@ def _cmd_score(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from egspo.evaluate import load_variant
+    from egspo.generation import denoising_frames, generate, read_prompts, row_prompt
+
+    if args.prompt:
+        rows = [{"prompt": text} for text in args.prompt]
+    elif args.input:
+        rows = read_prompts(args.input)
+    else:
+        raise ConfigError("Nothing to generate from: give --prompt TEXT (repeatable) or --input FILE.jsonl|txt.")
+    if args.delay < 0:
+        raise ConfigError(f"--delay {args.delay} must be >= 0 seconds.")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dlm, tokenizer = load_variant(args.model, args.adapter, device=device)
+    # texts go through the chat template when the tokenizer has one, unless --raw
+    chat_template = True if not args.raw and getattr(tokenizer, "chat_template", None) else None
+    texts, traj = generate(
+        dlm, tokenizer, [row_prompt(row) for row in rows], gen_length=args.gen_length,
+        block_length=args.block_length, steps=args.steps, temperature=args.temperature, remasking=args.remasking,
+        chat_template=chat_template, seed=args.seed, batch_size=args.batch_size, return_trajectory=True,
+    )
+    if args.show_steps:
+        tty = sys.stdout.isatty()
+        frames = denoising_frames(tokenizer, traj, placeholder=_mask_glyph(),
+                                  highlight=(lambda text: f"\x1b[1m{text}\x1b[0m") if tty else None)
+        for step, frame in enumerate(frames, 1):
+            # on a terminal each frame replaces the last (clear screen, cursor home)
+            sys.stdout.write(("\x1b[2J\x1b[H" if tty else "") + f"--- step {step}/{len(frames)} ---\n"
+                             f"{_numbered(frame)}\n")
+            sys.stdout.flush()
+            if tty and step < len(frames):
+                time.sleep(args.delay)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({**row, "completion": text}, ensure_ascii=False) + "\n"
+                         for row, text in zip(rows, texts, strict=True))
+        logger.info("Wrote %d completion(s) to %s", len(texts), args.output)
+    elif not args.show_steps:
+        sys.stdout.write(_numbered(texts) + "\n")
+    return 0
+
+
+def _numbered(texts: Sequence[str]) -> str:
+    """One text as it is; several each prefixed with [i] (1-based)."""
+    if len(texts) == 1:
+        return texts[0]
+    return "\n".join(f"[{i}] {text}" for i, text in enumerate(texts, 1))
+
+
+def _mask_glyph() -> str:
+    """How a still-masked token is shown: a shaded block where stdout can encode it, else an underscore."""
+    try:
+        "░".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "_"
+    return "░"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -278,6 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
         "every following argument goes to lm-eval, e.g. --model egspo --model_args pretrained=M --tasks T.",
     )
     p.set_defaults(func=_cmd_lm_eval, lm_eval_args=[])
+
+    p = sub.add_parser(
+        "generate", help="Generate completions with the sampler training uses; --show-steps to watch it decode.",
+        description="Completions of --prompt texts (through the tokenizer's chat template unless --raw) or of an "
+        "--input file (.jsonl: objects with 'prompt' or 'messages'; other files: one prompt per line), printed "
+        "to stdout ([i] before each when there are several) or written to --output as JSONL (each input row plus "
+        "'completion', ready for `egspo score`). Unset sampler options come from the model's "
+        "generation_config.json, else gen_length 128, block_length 32, steps gen_length/2, temperature 0.",
+    )
+    p.add_argument("--model", required=True, help="Model directory, hub name or builtin:NAME.")
+    p.add_argument("--adapter", help="A peft adapter (or checkpoint-N) directory to apply to the model.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", action="append", metavar="TEXT", help="A prompt (repeat for several).")
+    source.add_argument("--input", metavar="FILE", help="Prompts file: .jsonl (prompt or messages) or one per line.")
+    p.add_argument("--gen-length", type=int, help="Completion length in tokens.")
+    p.add_argument("--block-length", type=int, help="Block length (divides the completion length).")
+    p.add_argument("--steps", type=int, help="Denoising steps (a multiple of the number of blocks).")
+    p.add_argument("--temperature", type=float, help="Sampling temperature (0 = greedy).")
+    p.add_argument("--remasking", choices=("low_confidence", "random"), help="Which masked positions to commit.")
+    p.add_argument("--seed", type=int, help="Seed of the draws at temperature > 0.")
+    p.add_argument("--batch-size", type=int, help="Prompts per batch (default: all at once).")
+    p.add_argument("--raw", action="store_true", help="Use --prompt/--input texts as they are (no chat template).")
+    p.add_argument("--output", help="Write JSONL here instead of printing the completions.")
+    p.add_argument("--show-steps", action="store_true",
+                   help="Print the completion after every denoising step (masked tokens shown as a shaded block or _, each "
+                   "step's new tokens in bold on a terminal, where frames replace each other).")
+    p.add_argument("--delay", type=float, default=0.1, help="Seconds between --show-steps frames on a terminal.")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -47,11 +47,10 @@ from transformers import PreTrainedTokenizerBase
 
 from egspo.checkpoint import list_checkpoints
 from egspo.config import ConfigError, EvalConfig, ModelConfig, SamplerConfig
+from egspo.generation import encode_texts, sample_batches
 from egspo.models.adapter import DiffusionLM, unwrap
 from egspo.models.loading import load_model, load_tokenizer
-from egspo.rl.batching import encode_prompts
 from egspo.rl.data import prompt_text
-from egspo.sampling import sample
 from egspo.seeding import stream
 from egspo.tasks import Task, get_task
 from egspo.tasks.base import PROTOCOLS, check_protocol, side_by_side_metrics
@@ -121,12 +120,6 @@ def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def generate_batch(
     dlm: DiffusionLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -135,12 +128,9 @@ def generate_batch(
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """Completions (decoded, special tokens skipped) of one batch of prompt texts."""
-    device = dlm.device
     # Evaluation never truncates a prompt: the widest prompt of the batch sets the width.
-    width = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    ids, mask = encode_prompts(tokenizer, prompts, max(width, 1), device)
-    with _autocast(device):
-        traj = sample(dlm, ids, sampler_cfg, attention_mask=mask, generator=generator, record_greedy=False)
+    ids, mask = encode_texts(tokenizer, prompts, dlm.device)
+    traj = sample_batches(dlm, ids, mask, sampler_cfg, generator)
     return tokenizer.batch_decode(traj.completions, skip_special_tokens=True)
 
 

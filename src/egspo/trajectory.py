@@ -87,6 +87,22 @@ class Trajectory:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
         return Trajectory(**moved)
 
+    @staticmethod
+    def concat(parts: list[Trajectory]) -> Trajectory:
+        """The rows of ``parts`` (same prompt length, steps and completion length) in one trajectory."""
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.prompt_length, part.num_steps, part.completion_length) != (
+                    first.prompt_length, first.num_steps, first.completion_length):
+                raise ValueError("Trajectory.concat needs parts of equal prompt length, steps and completion length.")
+        values = {}
+        for f in fields(first):
+            value = getattr(first, f.name)
+            if isinstance(value, torch.Tensor):
+                value = torch.cat([getattr(part, f.name) for part in parts])
+            values[f.name] = value
+        return Trajectory(**values)
+
     def select_rows(self, rows: torch.Tensor) -> Trajectory:
         """A trajectory of a subset of rows (e.g. this process's shard)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -39,6 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
 from egspo.models.adapter import gather_positions
+from egspo.models.diffusion_generation import DiffusionGenerationMixin
 from egspo.models.kv_cache import KVCache, LayerKV, splice
 
 # Keyword arguments that generic callers (Trainer, peft) pass and that do not change what a
@@ -191,9 +192,10 @@ class NativeDiffusionOutput(MaskedLMOutput):
     key_values: KVCache | None = None
 
 
-class NativeDiffusionLM(PreTrainedModel):
+class NativeDiffusionLM(DiffusionGenerationMixin, PreTrainedModel):
     """What LLaDA and Dream share: the forward contract of :class:`~egspo.models.adapter.DiffusionLM`
-    native models and a plain normal/ones initialization.
+    native models, a plain normal/ones initialization, and ``diffusion_generate`` with sampler defaults
+    in ``generation_config`` (:mod:`egspo.models.diffusion_generation`).
 
     Subclasses build ``self.model`` (embedded tokens -> final-block hidden states, before the final
     norm), implement the embedding accessors and :meth:`final_norm`.

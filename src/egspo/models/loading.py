@@ -113,12 +113,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def as_diffusion_lm(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> DiffusionLM:
-    """Wrap a loaded model: mask and stop tokens, Dream's logit shift, native fast paths."""
+def as_diffusion_lm(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> DiffusionLM:
+    """Wrap a loaded model: mask and stop tokens, Dream's logit shift, native fast paths.
+
+    Without ``tokenizer`` the mask and stop tokens come from the model config alone."""
     core = unwrap(model)
     config = core.config
     model_type = getattr(config, "model_type", None)
-    mask_id = tokenizer.mask_token_id
+    mask_id = tokenizer.mask_token_id if tokenizer is not None else None
     if mask_id is None:
         mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None:
@@ -138,16 +140,23 @@ def as_diffusion_lm(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Dif
     )
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: Any, exclude: int | None = None) -> tuple[int, ...]:
+def stop_token_ids(
+    tokenizer: PreTrainedTokenizerBase | None, config: Any, exclude: int | None = None
+) -> tuple[int, ...]:
     """End tokens, the filler of ended completions first: eos (config's, then tokenizer's), end-of-turn, pad.
 
     The config's eos comes first because it names the token the checkpoint was trained to fill ended
-    sequences with (LLaDA: ``<|endoftext|>`` 126081), which the tokenizer's eos need not be.
+    sequences with (LLaDA: ``<|endoftext|>`` 126081), which the tokenizer's eos need not be. Without
+    ``tokenizer``, only the config's eos and pad.
     """
-    candidates: list[Any] = [*_as_list(getattr(config, "eos_token_id", None)), tokenizer.eos_token_id]
-    vocab = tokenizer.get_vocab()
-    candidates += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
-    candidates += [getattr(config, "pad_token_id", None), tokenizer.pad_token_id]
+    candidates: list[Any] = [*_as_list(getattr(config, "eos_token_id", None))]
+    if tokenizer is not None:
+        candidates.append(tokenizer.eos_token_id)
+        vocab = tokenizer.get_vocab()
+        candidates += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    candidates.append(getattr(config, "pad_token_id", None))
+    if tokenizer is not None:
+        candidates.append(tokenizer.pad_token_id)
     ids = tuple(dict.fromkeys(int(i) for i in candidates if i is not None and i != exclude))
     if not ids:
         raise ModelLoadError(

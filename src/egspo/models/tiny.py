@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from egspo.models.diffusion_generation import DEFAULT_BLOCK_LENGTH, DEFAULT_GEN_LENGTH, DEFAULT_STEPS_RATIO
 from egspo.models.llada import LLaDAConfig, LLaDAModelLM
 from egspo.models.tokenizer import build_char_tokenizer
 
@@ -65,7 +66,8 @@ def tiny_config(
 def random_model(
     preset: str = "tiny", seed: int = 0, **overrides: Any
 ) -> tuple[LLaDAModelLM, PreTrainedTokenizerFast]:
-    """A random-init model of ``preset`` (eval mode, fp32) and the character tokenizer.
+    """A random-init model of ``preset`` (eval mode, fp32) and the character tokenizer; its
+    ``generation_config`` holds egspo's sampler defaults (saved as ``generation_config.json``).
 
     The weights depend only on ``seed``: they are drawn under a forked RNG, so the caller's global
     random state is neither used nor changed.
@@ -77,6 +79,8 @@ def random_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LLaDAModelLM(config)
+    model.set_diffusion_defaults(gen_length=DEFAULT_GEN_LENGTH, block_length=DEFAULT_BLOCK_LENGTH,
+                                 steps=round(DEFAULT_GEN_LENGTH * DEFAULT_STEPS_RATIO))
     return model.eval(), tokenizer
 
 

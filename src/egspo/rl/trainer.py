@@ -29,8 +29,7 @@ import math
 import shutil
 import signal
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from egspo.checkpoint import (check_fresh_or_resume, latest_checkpoint, list_che
                               save_checkpoint, verify_checkpoint)
 from egspo.config import ConfigError, EGSPOConfig, save_config
 from egspo.evaluate import evaluate_rows, get_task_or_fail
-from egspo.models.adapter import DiffusionLM, unwrap
+from egspo.models.adapter import unwrap
 from egspo.models.loading import as_diffusion_lm, load_model, load_tokenizer
 from egspo.models.lora import prepare_for_training
 from egspo.rl.advantages import zero_variance_groups
