@@ -130,3 +130,29 @@ def test_greedy_recording_can_be_skipped_without_changing_the_rollout(bert_dlm):
     assert torch.equal(full.sequences, lean.sequences) and torch.equal(full.step_logps, lean.step_logps)
     with pytest.raises(ValueError, match="record_greedy"):
         lean.greedy_completions(torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_recorder_commits_build_the_trajectory():
+    """The recorder on its own: a model step, a forced end step and the greedy record of s_t."""
+    from egspo.trajectory import TrajectoryRecorder
+
+    mask, eos = TOY_MASK, TOY_EOS
+    record = TrajectoryRecorder.start(torch.tensor([[5, 6], [0, 7]]), torch.tensor([[1, 1], [0, 1]]),
+                                      torch.tensor([2, 2]), mask_id=mask, stop_ids=(eos,))
+    block = slice(2, 6)
+    assert (record.sequences[:, 2:] == mask).all() and record.attention_mask.tolist()[1] == [0, 1, 1, 1, 1, 1]
+    record.record_greedy(torch.tensor([0, 1]), 0, block, torch.full((2, 4), 9), torch.empty(2, 0, dtype=torch.long))
+    chosen = torch.tensor([[True, False, True, False], [False, True, False, True]])
+    record.commit(torch.tensor([0, 1]), 0, block, chosen, torch.full((2, 4), 11),
+                  torch.full((2, 4), -0.5), torch.tensor([[1.0, 9.0, 3.0, 9.0], [9.0, 2.0, 9.0, 4.0]]))
+    # row 1 has ended: its last two positions become end tokens without the model
+    record.commit_end(torch.tensor([False, True]), 1, block, torch.tensor([[True, False, True, False]]), eos)
+    traj = record.to_trajectory()
+    assert traj.greedy[:, 0].tolist() == [[9, 9, 9, 9], [9, 9, 9, 9]]
+    assert traj.greedy[1, 1].tolist() == [eos, 11, eos, 11]
+    assert traj.completions[1].tolist() == [eos, 11, eos, 11]
+    assert traj.step_of_position.tolist() == [[0, -1, 0, -1], [1, 0, 1, 0]]
+    assert traj.step_logps[:, 0].tolist() == [-1.0, -1.0] and traj.step_entropy[:, 0].tolist() == [2.0, 3.0]
+    assert traj.forced.tolist() == [[False, False], [False, True]] and traj.step_logps[1, 1] == 0
+    assert traj.last_content_step.tolist() == [0, 0]
+    assert traj.tokens_per_step.tolist() == [[2, 2], [2, 2]]

@@ -11,7 +11,8 @@ untempered softmax (or a uniform draw for ``remasking="random"``).
 
 Per step the LM head runs on the current block (candidates, log-probs, entropies) and, for the
 one-step greedy completion, on the remaining masked positions in chunks whose size bounds the memory
-of the logits; nothing of vocabulary size outlives the step.
+of the logits; nothing of vocabulary size outlives the step. What a step commits and records goes
+through one :class:`egspo.trajectory.TrajectoryRecorder`; this module decides what to commit.
 
 ``config.cache`` selects an APPROXIMATE rollout in the style of Fast-dLLM (native LLaDA/Dream only).
 The first step of every block runs the full forward, exactly as ``cache="none"`` does, and keeps
@@ -33,6 +34,7 @@ log-probs are therefore not the exact model's; the trainer recomputes those of t
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,7 +43,7 @@ from egspo.config import ConfigError, SamplerConfig
 from egspo.models.adapter import DiffusionLM
 from egspo.models.kv_cache import KVCache
 from egspo.ops import gumbel_argmax, logprobs_and_entropy
-from egspo.trajectory import Trajectory
+from egspo.trajectory import Trajectory, TrajectoryRecorder, stop_token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +63,6 @@ def transfer_schedule(config: SamplerConfig) -> torch.Tensor:
     return block.repeat(config.num_blocks)
 
 
-def _is_stop(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch.Tensor:
-    return torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
-
-
 def _without_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """Logits with the mask token's entry set to -inf (a copy; the input is left as it is)."""
     out = logits.clone()
@@ -76,6 +74,19 @@ def _top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Bool mask of the ``n`` largest scores per row (ties broken as torch.topk does)."""
     chosen = torch.zeros_like(scores, dtype=torch.bool)
     return chosen.scatter_(1, torch.topk(scores, n, dim=1).indices, True)
+
+
+class _Step(NamedTuple):
+    """Denoising step ``t`` of the block of sequence positions [lo, hi), committing ``n`` tokens per row."""
+
+    t: int
+    lo: int
+    hi: int
+    n: int
+
+    @property
+    def block(self) -> slice:
+        return slice(self.lo, self.hi)
 
 
 @torch.no_grad()
@@ -94,8 +105,6 @@ def sample(
     """
     device = prompt_ids.device
     batch, prompt_len = prompt_ids.shape
-    gen_len, block_len, steps = config.gen_length, config.block_length, config.steps
-    mask_id, eos_id = dlm.mask_id, dlm.eos_id
     if config.cache != "none" and not dlm.native:
         raise ConfigError(
             f"rollout_cache={config.cache!r} needs the native LLaDA or Dream models (egspo.models); this "
@@ -103,24 +112,14 @@ def sample(
         )
     model = _rollout_model(dlm, config)
 
-    x = torch.cat([prompt_ids, torch.full((batch, gen_len), mask_id, dtype=torch.long, device=device)], dim=1)
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.to(device=device, dtype=torch.long),
-                                    torch.ones(batch, gen_len, dtype=torch.long, device=device)], dim=1)
-        full_mask = attention_mask
-        if bool(attention_mask.all()):
-            attention_mask = None  # nothing to mask: let attention take its fastest path
-    else:
-        full_mask = torch.ones_like(x)
-
     schedule = transfer_schedule(config).to(device)
-    step_of_position = torch.full((batch, gen_len), -1, dtype=torch.long, device=device)
-    position_logps = torch.zeros(batch, gen_len, device=device)
-    position_entropy = torch.zeros(batch, gen_len, device=device)
-    step_logps = torch.zeros(batch, steps, device=device)
-    step_entropy = torch.zeros(batch, steps, device=device)
-    greedy = torch.empty(batch, steps, gen_len, dtype=torch.long, device=device) if record_greedy else None
-    forced = torch.zeros(batch, steps, dtype=torch.bool, device=device)
+    record = TrajectoryRecorder.start(prompt_ids, attention_mask, schedule, mask_id=dlm.mask_id,
+                                      stop_ids=dlm.stop_ids, record_greedy=record_greedy)
+    # nothing to mask: let attention take its fastest path
+    if attention_mask is not None and not bool(record.attention_mask.all()):
+        attention_mask = record.attention_mask
+    else:
+        attention_mask = None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
 
@@ -133,59 +132,38 @@ def sample(
             "use rollout_cache=none, or DDP / ZeRO-2."
         )
     chunk_rows = batch if lockstep else None
+    counts = schedule.tolist()
     with dlm.evaluating():
         t = 0
         for block in range(config.num_blocks):
-            lo, hi = prompt_len + block * block_len, prompt_len + (block + 1) * block_len
+            lo, hi = prompt_len + block * config.block_length, prompt_len + (block + 1) * config.block_length
             if config.stop_at_eos and block > 0:
-                done = _is_stop(x[:, prompt_len:lo], dlm.stop_ids).any(dim=1)
+                done = stop_token_mask(record.sequences[:, prompt_len:lo], dlm.stop_ids).any(dim=1)
             active = rows[~done]
             everyone = active.numel() == batch
             mask_a = None if attention_mask is None else (attention_mask if everyone else attention_mask[active])
             cache: KVCache | None = None
             stale_tail: torch.Tensor | None = None  # dual: greedy tokens after the block, from the block start
             for _ in range(config.steps_per_block):
-                n = int(schedule[t])
+                step = _Step(t, lo, hi, counts[t])
                 if done.any():
-                    _force_end(x, done, lo, hi, n, t, eos_id, mask_id, step_of_position, greedy, forced, prompt_len)
+                    _force_end(record, done, step, dlm.eos_id)
                 if active.numel():
                     # the active rows are fixed within a block, so the cache holds exactly them
-                    xa = x if everyone else x[active]
+                    xa = record.sequences if everyone else record.sequences[active]
                     features, cache = _step_features(dlm, model, xa, mask_a, lo, hi, config, cache)
                     tail_greedy = None
-                    if greedy is not None:
+                    if record_greedy:
                         tail_greedy = stale_tail if stale_tail is not None else \
                             _greedy_tokens(dlm, features[:, hi - lo :], chunk_rows)
                         if config.cache == "dual":
                             stale_tail = tail_greedy
-                    _model_step(
-                        dlm, x, xa, features[:, : hi - lo], tail_greedy, active, lo, hi, n, t,
-                        config, generator, step_of_position, position_logps, position_entropy, step_logps,
-                        step_entropy, greedy,
-                    )
+                    _model_step(dlm, record, active, xa, features[:, : hi - lo], tail_greedy, step, config, generator)
                     del features
                 elif lockstep:
-                    _idle_step(dlm, model, x, attention_mask, lo, hi, n, t, config, step_of_position, greedy)
+                    _idle_step(dlm, model, record, attention_mask, step, config)
                 t += 1
-
-    completion = x[:, prompt_len:]
-    content = ~_is_stop(completion, dlm.stop_ids)
-    last_content = torch.where(content, step_of_position, torch.zeros_like(step_of_position)).amax(dim=1)
-    return Trajectory(
-        sequences=x,
-        attention_mask=full_mask,
-        prompt_length=prompt_len,
-        mask_id=mask_id,
-        step_of_position=step_of_position,
-        position_logps=position_logps,
-        position_entropy=position_entropy,
-        step_logps=step_logps,
-        step_entropy=step_entropy,
-        greedy=greedy,
-        tokens_per_step=schedule.unsqueeze(0).expand(batch, -1).clone(),
-        forced=forced,
-        last_content_step=last_content,
-    )
+    return record.to_trajectory()
 
 
 def _rollout_model(dlm: DiffusionLM, config: SamplerConfig) -> nn.Module:
@@ -243,29 +221,18 @@ def _greedy_tokens(dlm: DiffusionLM, features: torch.Tensor, chunk_rows: int | N
 
 def _model_step(
     dlm: DiffusionLM,
-    x: torch.Tensor,
+    record: TrajectoryRecorder,
+    active: torch.Tensor,
     xa: torch.Tensor,
     block_features: torch.Tensor,
     tail_greedy: torch.Tensor | None,
-    active: torch.Tensor,
-    lo: int,
-    hi: int,
-    n: int,
-    t: int,
+    step: _Step,
     config: SamplerConfig,
     generator: torch.Generator | None,
-    step_of_position: torch.Tensor,
-    position_logps: torch.Tensor,
-    position_entropy: torch.Tensor,
-    step_logps: torch.Tensor,
-    step_entropy: torch.Tensor,
-    greedy: torch.Tensor | None,
 ) -> None:
-    """One denoising step for the ``active`` rows (``xa`` = ``x[active]``): commit ``n`` tokens of block
-    [lo, hi) from ``block_features`` (aligned features of the block) and record it; ``tail_greedy`` are
-    the greedy tokens after the block (needed when ``greedy`` is recorded)."""
-    prompt_len = x.shape[1] - step_of_position.shape[1]
-
+    """One denoising step for the ``active`` rows (``xa`` = their sequences): commit ``step.n`` tokens of
+    the block from ``block_features`` (aligned features of the block) and record it; ``tail_greedy`` are
+    the greedy tokens after the block (needed when the greedy completions are recorded)."""
     block_logits = dlm.head(block_features)  # (B_a, block, V)
     # the mask token is never a candidate: committing it would leave the position masked
     allowed = _without_mask(block_logits, dlm.mask_id)
@@ -278,89 +245,43 @@ def _model_step(
         # rank in the logits' dtype, as the published sampler does with its softmax
         confidence = logps.exp().to(block_logits.dtype).float()
     else:
-        confidence = torch.rand(candidates.shape, generator=generator, device=x.device)
+        confidence = torch.rand(candidates.shape, generator=generator, device=xa.device)
     del block_logits
 
-    eligible = xa[:, lo:hi] == dlm.mask_id
-    chosen = _top_n(torch.where(eligible, confidence, torch.full_like(confidence, float("-inf"))), n)
-
-    rel_lo, rel_hi = lo - prompt_len, hi - prompt_len
-    if greedy is not None:
-        # one-step greedy completion of s_t: argmax at every masked completion position (after the
-        # block every position is still masked: blocks are decoded left to right)
-        greedy_a = xa[:, prompt_len:].clone()
-        greedy_a[:, rel_lo:rel_hi] = torch.where(eligible, block_greedy, greedy_a[:, rel_lo:rel_hi])
-        greedy_a[:, rel_hi:] = tail_greedy
-        greedy[active, t] = greedy_a
-
-    new_block = torch.where(chosen, candidates, xa[:, lo:hi])
-    block_steps = step_of_position[active, rel_lo:rel_hi]
-    step_of_position[active, rel_lo:rel_hi] = torch.where(chosen, torch.full_like(block_steps, t), block_steps)
-    chosen_f = chosen.float()
-    pos_lp = position_logps[active, rel_lo:rel_hi]
-    pos_ent = position_entropy[active, rel_lo:rel_hi]
-    position_logps[active, rel_lo:rel_hi] = torch.where(chosen, logps, pos_lp)
-    position_entropy[active, rel_lo:rel_hi] = torch.where(chosen, entropies, pos_ent)
-    step_logps[active, t] = (logps * chosen_f).sum(1)
-    step_entropy[active, t] = (entropies * chosen_f).sum(1) / n
-    x[active, lo:hi] = new_block
+    eligible = xa[:, step.block] == dlm.mask_id
+    chosen = _top_n(torch.where(eligible, confidence, torch.full_like(confidence, float("-inf"))), step.n)
+    if tail_greedy is not None:
+        record.record_greedy(active, step.t, step.block, block_greedy, tail_greedy)
+    record.commit(active, step.t, step.block, chosen, candidates, logps, entropies)
 
 
 def _idle_step(
     dlm: DiffusionLM,
     model: torch.nn.Module,
-    x: torch.Tensor,
+    record: TrajectoryRecorder,
     attention_mask: torch.Tensor | None,
-    lo: int,
-    hi: int,
-    n: int,
-    t: int,
+    step: _Step,
     config: SamplerConfig,
-    step_of_position: torch.Tensor,
-    greedy: torch.Tensor | None,
 ) -> None:
-    """The forwards of an exact step on scratch copies, results discarded (lockstep, all rows ended).
+    """The forwards of an exact step on a scratch record, results discarded (lockstep, all rows ended).
 
     All rows, so that the number of head calls (chunks sized by the batch) matches the other processes.
     """
-    batch, steps = x.shape[0], config.steps
-    rows = torch.arange(batch, device=x.device)
-    scratch_x = x.clone()
-    features, _ = _step_features(dlm, model, scratch_x, attention_mask, lo, hi, config, None)
-    tail = _greedy_tokens(dlm, features[:, hi - lo :], batch) if greedy is not None else None
-    scratch = torch.zeros(step_of_position.shape, device=x.device)
+    scratch = record.scratch()
+    batch = scratch.sequences.shape[0]
+    features, _ = _step_features(dlm, model, scratch.sequences, attention_mask, step.lo, step.hi, config, None)
+    tail = _greedy_tokens(dlm, features[:, step.hi - step.lo :], batch) if scratch.greedy is not None else None
     # a throwaway generator: with None the candidates would be drawn from the global RNG
-    scratch_generator = torch.Generator(device=x.device)
-    _model_step(
-        dlm, scratch_x, scratch_x, features[:, : hi - lo], tail, rows, lo, hi, n, t, config, scratch_generator,
-        step_of_position.clone(), scratch, scratch.clone(), torch.zeros(batch, steps, device=x.device),
-        torch.zeros(batch, steps, device=x.device), None if greedy is None else torch.empty_like(greedy),
-    )
+    scratch_generator = torch.Generator(device=scratch.sequences.device)
+    rows = torch.arange(batch, device=scratch.sequences.device)
+    _model_step(dlm, scratch, rows, scratch.sequences, features[:, : step.hi - step.lo], tail, step, config,
+                scratch_generator)
 
 
-def _force_end(
-    x: torch.Tensor,
-    done: torch.Tensor,
-    lo: int,
-    hi: int,
-    n: int,
-    t: int,
-    eos_id: int,
-    mask_id: int,
-    step_of_position: torch.Tensor,
-    greedy: torch.Tensor | None,
-    forced: torch.Tensor,
-    prompt_len: int,
-) -> None:
+def _force_end(record: TrajectoryRecorder, done: torch.Tensor, step: _Step, eos_id: int) -> None:
     """Rows that have ended commit the ``n`` leftmost masked positions of the block as end tokens."""
-    block = x[done, lo:hi]
-    masked = block == mask_id
+    masked = record.sequences[done, step.block] == record.mask_id
     # leftmost first: score masked positions by descending index order
-    position_score = torch.arange(hi - lo, 0, -1, device=x.device, dtype=torch.float).expand_as(block)
-    chosen = _top_n(torch.where(masked, position_score, torch.full_like(position_score, float("-inf"))), n)
-    if greedy is not None:
-        greedy[done, t] = torch.where(x[done, prompt_len:] == mask_id, eos_id, x[done, prompt_len:])
-    block_steps = step_of_position[done, lo - prompt_len : hi - prompt_len]
-    step_of_position[done, lo - prompt_len : hi - prompt_len] = torch.where(chosen, t, block_steps)
-    x[done, lo:hi] = torch.where(chosen, eos_id, block)
-    forced[done, t] = True
+    position_score = torch.arange(step.hi - step.lo, 0, -1, device=masked.device, dtype=torch.float).expand_as(masked)
+    chosen = _top_n(torch.where(masked, position_score, torch.full_like(position_score, float("-inf"))), step.n)
+    record.commit_end(done, step.t, step.block, chosen, eos_id)
