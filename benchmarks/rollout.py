@@ -1,4 +1,4 @@
-"""Rollout throughput of the block sampler (SPEC §1) on a random-weight LLaDA-shaped model.
+"""Rollout throughput of the block sampler (docs/algorithm.md#diffusion-mdp) on a random-weight LLaDA-shaped model.
 
     PYTHONPATH=src python benchmarks/rollout.py --shape llada-8b --batch 6 --prompt-len 200 \
         --gen-length 256 --block 32 --steps 128 [--cache prefix|dual] [--compile]

@@ -9,7 +9,7 @@
     dlm, tokenizer = load_variant("builtin:sudoku-tiny", "runs/egspo/checkpoint-200")
     completions, metrics = evaluate_rows(dlm, tokenizer, get_task("sudoku"), rows, EvalConfig().sampler_for(256))
 
-Generation uses the evaluation settings of SPEC §6 (:meth:`EvalConfig.sampler_for`: temperature 0,
+Generation uses the evaluation settings of docs/algorithm.md#reference-settings (:meth:`EvalConfig.sampler_for`: temperature 0,
 steps = L_c * steps_ratio, block 32), prompts sorted by length so that a batch pads little. Output:
 
     OUTPUT/summary.json                               per task: variants x lengths -> metrics

@@ -1,4 +1,4 @@
-"""The LLaDA block low-confidence sampler, recording the diffusion MDP (SPEC §1).
+"""The LLaDA block low-confidence sampler, recording the diffusion MDP (docs/algorithm.md#diffusion-mdp).
 
     traj = sample(dlm, prompt_ids, SamplerConfig(gen_length=256, block_length=32, steps=128),
                   attention_mask=prompt_mask, generator=torch.Generator(device).manual_seed(0))

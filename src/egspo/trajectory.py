@@ -1,5 +1,5 @@
 """The record of a batch of diffusion rollouts, the states/actions rebuilt from it, and the recorder
-the sampler fills while it runs (SPEC §1).
+the sampler fills while it runs (docs/algorithm.md#diffusion-mdp).
 
 Only integers per (row, step, position) and floats per (row, step) or (row, position) are kept; the
 state ``s_t`` of any row at any step is rebuilt from ``step_of_position``: position ``p`` of the

@@ -23,7 +23,7 @@ from egspo.models.adapter import DiffusionLM, unwrap
 
 logger = logging.getLogger(__name__)
 
-#: The linear layers of one transformer block, under each architecture's own names (SPEC §6). Other
+#: The linear layers of one transformer block, under each architecture's own names (docs/algorithm.md#reference-settings). Other
 #: architectures get peft's "all-linear".
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "llada": ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],

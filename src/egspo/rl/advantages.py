@@ -1,4 +1,4 @@
-"""Group baselines and EGSPO-SA stepwise advantages (SPEC §3, §5).
+"""Group baselines and EGSPO-SA stepwise advantages (docs/algorithm.md#stepwise-advantages, #diffu-grpo).
 
 Rows are ordered in groups: rows [g*G, (g+1)*G) are the G rollouts of prompt g. Groups may span
 processes, so callers gather rewards across processes first and pass the global tensors here.

@@ -1,4 +1,4 @@
-"""Step selection (SPEC §2): which K of a rollout's T denoising steps the update trains on.
+"""Step selection (docs/algorithm.md#step-selection): which K of a rollout's T denoising steps the update trains on.
 
     selected = select_steps(traj.step_entropy, k=8, method="high_entropy", valid_steps=traj.valid_steps)
     selected.steps    # (B, K) step indices, ascending in time

@@ -13,7 +13,7 @@ they read and in the prompt wording. Rows:
   MBPP's ``test_setup_code``), "" when none;
 - ``solution``: a reference solution, for supervised warm-up ("" when unknown).
 
-Rewards (SPEC §8): ``correctness`` = fraction of tests passed (weight 1.0), ``code_in_answer`` = 1 when
+Rewards (docs/algorithm.md#tasks-and-rewards): ``correctness`` = fraction of tests passed (weight 1.0), ``code_in_answer`` = 1 when
 that block sits inside ``<answer>`` (weight 0.5). The completion is executed once per row in
 :func:`egspo.sandbox.run_python`, with the candidate's own output discarded; a small harness reports
 each passed test on a private file descriptor, with a per-run random marker.

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 BOXED_SYSTEM_PROMPT = SYSTEM_PROMPT + "\nPut the final answer in \\boxed{} inside <answer>."
 
-# The published format regexes lacked re.DOTALL, so any multi-line reasoning failed them (SPEC §7).
+# The published format regexes lacked re.DOTALL, so any multi-line reasoning failed them (docs/algorithm.md#deliberate-differences-from-the-published-code).
 _STRICT_FORMAT = re.compile(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>", re.DOTALL)
 _SOFT_FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 _XML_TAGS = ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
@@ -198,7 +198,7 @@ def boxed_in_answer_reward(prompts: Sequence[str], completions: Sequence[str], *
     """1 when a complete ``\\boxed{}`` sits inside the last ``<answer>`` block.
 
     The published check tested ``"\\boxed" in text`` without a raw string: a backspace character, so
-    it never matched (SPEC §7).
+    it never matched (docs/algorithm.md#deliberate-differences-from-the-published-code).
     """
     blocks = [last_answer_block(c) for c in completions]
     return [float(block is not None and last_boxed(block) is not None) for block in blocks]
