@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"d_model": 256, "n_layers": 4, "n_heads": 4, "mlp_hidden_size": 768, "max_sequence_length": 1024},
     "small": {"d_model": 512, "n_layers": 8, "n_heads": 8, "mlp_hidden_size": 1536, "max_sequence_length": 2048},
+    # LLaDA-8B's blocks (7.5B parameters) with the character vocabulary: random weights, for timing runs
+    # of the whole trainer at the 8B shape (scripts/scaling_8b_gpu.sh), never for training
+    "llada-8b-blocks": {"d_model": 4096, "n_layers": 32, "n_heads": 32, "mlp_hidden_size": 12288,
+                        "max_sequence_length": 4096, "rope_theta": 500000.0},
 }
 
 
@@ -41,10 +45,10 @@ def preset_config(
     if preset not in PRESETS:
         raise ValueError(f"Unknown model preset {preset!r}; presets: {', '.join(PRESETS)}.")
     fields: dict[str, Any] = {
-        **PRESETS[preset],
         "rope_theta": 10000.0,
         "rms_norm_eps": 1e-5,
         "weight_tying": False,  # untied, like LLaDA-8B
+        **PRESETS[preset],
         "vocab_size": vocab_size,
         "embedding_size": vocab_size,  # no padding rows: every logit is a real token the sampler may pick
         "mask_token_id": mask_token_id,
