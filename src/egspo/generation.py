@@ -230,7 +230,7 @@ def sample_batches(
     (all at once by default), bf16 autocast on CUDA; one trajectory of all rows."""
     size = batch_size or ids.shape[0]
     parts = []
-    with _autocast(dlm.device):
+    with autocast_for(dlm.device):
         for start in range(0, ids.shape[0], size):
             parts.append(sample(dlm, ids[start : start + size], config, attention_mask=mask[start : start + size],
                                 generator=generator, record_greedy=False))
@@ -332,7 +332,7 @@ def _generator(device: torch.device, seed: int | None) -> torch.Generator | None
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

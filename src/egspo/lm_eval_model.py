@@ -46,7 +46,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from tqdm import tqdm
 
 from egspo.config import ConfigError, ModelConfig, SamplerConfig
-from egspo.evaluate import _autocast, load_variant, plan_batches
+from egspo.evaluate import load_variant, plan_batches
+from egspo.generation import autocast_for
 from egspo.models.adapter import DiffusionLM
 from egspo.ops import token_logprobs
 from egspo.rl.batching import encode_prompts
@@ -136,7 +137,7 @@ def masked_loglikelihood(
             mask = torch.cat([mask, torch.ones(1, length, dtype=torch.bool, device=device)])
         rows = sequence.repeat(mask.shape[0], 1)
         rows[:, ctx_len:] = torch.where(mask, dlm.mask_id, target)
-        with _autocast(device):
+        with autocast_for(device):
             logits = dlm.logits(rows, positions=positions)
         if first:
             greedy_logits = logits[-1].clone()
@@ -330,7 +331,7 @@ class EgspoLM(TemplateLM):
         width = max(1, *(len(self.tok_encode(p)) for p in prompts))
         ids, mask = encode_prompts(self.tokenizer, prompts, width, device)
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + first)
-        with _autocast(device):
+        with autocast_for(device):
             traj = sample(self.dlm, ids, config, attention_mask=mask, generator=generator, record_greedy=False)
         return decode_completions(self.tokenizer, traj.completions, self.dlm.stop_ids,
                                   [max_tokens for max_tokens, _, _ in settings], [until for _, _, until in settings])
