@@ -217,3 +217,14 @@ def test_evaluation_during_training_and_the_best_checkpoint(tmp_path):
     assert sorted(evals) == [2, 4]
     assert trainer.best is not None and trainer.best[1].is_dir(), "the best checkpoint survives pruning"
     assert "eval_reward" in (out / "report.md").read_text()
+
+
+def test_an_adapter_on_the_wrong_base_is_refused_with_its_recorded_base(tmp_path):
+    from egspo.evaluate import load_variant
+
+    out = tmp_path / "a"
+    EGSPOTrainer(model="builtin:tiny", reward_funcs=[sevens], train_dataset=ROWS,
+                 args=small_args(out, max_steps=1, save_steps=0)).train()
+    with pytest.raises(ConfigError, match="was trained on 'builtin:tiny' and does not fit the base model "
+                                          "'builtin:small'.*--model builtin:tiny"):
+        load_variant("builtin:small", out / "checkpoint-1" / "adapter")

@@ -325,7 +325,8 @@ def load_checkpoint(
     params = dict(unwrap_named(model))
     missing = [n for n in weights if n not in params]
     if missing:
-        raise RuntimeError(f"Checkpoint {path} has weights the model lacks (different LoRA/model setup?): {missing[:3]}")
+        raise ConfigError(f"Checkpoint {path} has weights the model lacks, e.g. {missing[:3]}: it was trained with "
+                          "another base model or LoRA setup; resume with the run's own config.yaml.")
     if is_deepspeed(model):
         _load_deepspeed(path, model)
     elif weights_sharded(model):

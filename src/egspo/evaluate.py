@@ -223,12 +223,15 @@ class VariantLoader:
             return self._dlm
         assert variant.weights is not None
         name = _adapter_name(variant.name)
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(dlm.model, str(variant.weights), adapter_name=name)
-        else:
-            self._peft.load_adapter(str(variant.weights), adapter_name=name)
-            self._peft.set_adapter(name)
-            self._peft.delete_adapter(self._adapter)
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(dlm.model, str(variant.weights), adapter_name=name)
+            else:
+                self._peft.load_adapter(str(variant.weights), adapter_name=name)
+                self._peft.set_adapter(name)
+                self._peft.delete_adapter(self._adapter)
+        except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, missing target modules
+            raise ConfigError(_adapter_mismatch(variant.weights, self.model_cfg.name_or_path, exc)) from exc
         self._adapter = name
         self._peft.eval()
         return dataclasses.replace(dlm, model=self._peft)
@@ -251,6 +254,20 @@ def load_variant(
     model_cfg = ModelConfig(name_or_path=model) if isinstance(model, str) else model
     variant = Variant("base") if weights is None else _weights_variant(Path(weights))
     return VariantLoader(model_cfg, torch.device(device or "cpu")).load(variant), load_tokenizer(model_cfg)
+
+
+def _adapter_mismatch(adapter: Path, base: str, exc: BaseException) -> str:
+    """The sentence for an adapter that does not fit the base model it is applied to."""
+    recorded = None
+    config = adapter / "adapter_config.json"
+    if config.is_file():
+        with contextlib.suppress(json.JSONDecodeError):
+            recorded = json.loads(config.read_text()).get("base_model_name_or_path")
+    trained_on = f"was trained on {recorded!r}" if recorded else "names no base model"
+    hint = f"--model {recorded}" if recorded else "--model"
+    first_line = (str(exc).splitlines() or [""])[0][:200]
+    return (f"The adapter {adapter} {trained_on} and does not fit the base model {base!r} "
+            f"({type(exc).__name__}: {first_line}). Pass the base it was trained on ({hint}).")
 
 
 def _adapter_name(variant: str) -> str:
