@@ -339,9 +339,9 @@ class EGSPOTrainer:
             col = all_fn[:, j]
             metrics[f"reward/{name}/mean"] = float(col.nanmean()) if (~col.isnan()).any() else float("nan")
             metrics[f"reward/{name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
-        if self.task is not None:
-            task_metrics = self.task.metrics(batch.completions, batch.rows)
-            metrics["accuracy"] = float(self._gather(torch.tensor([task_metrics["accuracy"]])).mean())
+        accuracy = self.task.metrics(batch.completions, batch.rows)["accuracy"] if self.task is not None else math.nan
+        if not math.isnan(accuracy):  # the custom task has no accuracy protocol
+            metrics["accuracy"] = float(self._gather(torch.tensor([accuracy])).mean())
         metrics["completion_tokens"] = float(self._gather(
             completion_token_mask(batch.traj.completions, self.dlm.stop_ids).sum(1).float()).mean())
         timings["time/score"] = timings.get("time/score", 0.0) + time.perf_counter() - t0
