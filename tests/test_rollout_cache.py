@@ -293,10 +293,11 @@ def test_trainer_with_dual_cache_recomputes_old_logps_exactly(micro_model, promp
                       "max_completion_length=16", "diffusion_steps=8")
     trainer = EGSPOTrainer(args=cfg)
     recorded: list[torch.Tensor] = []
-    original = trainer._exact_old_logps
+    original = trainer._exact_step_outputs
 
     def spy(traj, selected):
-        exact, gap = original(traj, selected)
+        exact, greedy, is_weights, mismatch = original(traj, selected)
+        gap = mismatch["approx/old_logp_gap"]
         approx = traj.step_logps.gather(1, selected.steps)
         w = selected.weights.bool()
         assert abs(gap - float((approx - exact)[w].abs().mean())) < 1e-5
@@ -305,9 +306,9 @@ def test_trainer_with_dual_cache_recomputes_old_logps_exactly(micro_model, promp
             check = action_logps(trainer.dlm, traj, selected.steps[:, 0])[0]
         torch.testing.assert_close(exact[:, 0], check, rtol=1e-5, atol=1e-5)
         recorded.append(exact)
-        return exact, gap
+        return exact, greedy, is_weights, mismatch
 
-    trainer._exact_old_logps = spy
+    trainer._exact_step_outputs = spy
     trainer.train()
     assert len(recorded) == 2
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -324,7 +325,7 @@ def test_exact_trainer_logs_no_gap(micro_model, prompts_file, tmp_path):
 
     cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=1")
     trainer = EGSPOTrainer(args=cfg)
-    trainer._exact_old_logps = None  # never called on the exact path
+    trainer._exact_step_outputs = None  # never called on the exact path
     trainer.train()
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "approx/old_logp_gap" not in line and "time/old_logps" not in line
@@ -346,7 +347,7 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
     trainer = EGSPOTrainer(args=cfg)
     model = trainer.dlm.model
     seen: dict[str, object] = {}
-    original_rollout, original_exact = trainer._rollout, trainer._exact_old_logps
+    original_rollout, original_exact = trainer._rollout, trainer._exact_step_outputs
 
     def rollout(step):
         seen["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -354,7 +355,8 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
 
     def exact_old_logps(traj, selected):
         assert all(torch.equal(p, seen["weights"][n]) for n, p in model.named_parameters() if p.requires_grad)
-        exact, gap = original_exact(traj, selected)
+        outputs = original_exact(traj, selected)
+        exact = outputs[0]
         model.eval()
         with torch.no_grad():
             check = torch.stack([action_logps(trainer.dlm, traj, selected.steps[:, k])[0]
@@ -363,7 +365,7 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
         torch.testing.assert_close(exact, check, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(exact, traj.step_logps.gather(1, selected.steps)), "the record is approximate"
         seen.setdefault("exact", []).append(exact)
-        return exact, gap
+        return outputs
 
     olds: list[torch.Tensor] = []
     original_loss = trainer_module.egspo_step_loss
@@ -372,7 +374,7 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
         olds.append(logp_old.detach().clone())
         return original_loss(logp, logp_old, *args, **kwargs)
 
-    trainer._rollout, trainer._exact_old_logps = rollout, exact_old_logps
+    trainer._rollout, trainer._exact_step_outputs = rollout, exact_old_logps
     monkeypatch.setattr(trainer_module, "egspo_step_loss", loss)
     trainer.train()
     exact = torch.cat(seen["exact"], dim=1)  # (B, 2K): the slots of step 1, then of step 2
@@ -437,3 +439,68 @@ def test_trainer_refuses_the_cache_with_a_sharded_model_before_any_rollout(micro
                       "max_completion_length=16", "diffusion_steps=8")
     with pytest.raises(ConfigError, match="rollout_cache='prefix'.*sharded"):
         EGSPOTrainer(args=cfg)
+
+
+def test_cached_rollout_step_rewards_and_importance_weights_come_from_the_exact_forward(
+        micro_model, prompts_file, tmp_path, monkeypatch):
+    """With an approximate rollout, r_hat is scored on greedy completions from the exact forward of s_t
+    (an independent full forward: argmax, mask excluded, at the positions still masked), and each step's
+    loss is weighted by min(exp(exact - approximate), cap)."""
+    import egspo.rl.trainer as trainer_module
+    from egspo.rl.trainer import EGSPOTrainer
+
+    from .test_trainer import make_config
+
+    cap = 1.05
+    cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=1", "rollout_cache=dual",
+                      "max_completion_length=16", "diffusion_steps=8", "algorithm=egspo_sa",
+                      f"importance_weight_cap={cap}")
+    trainer = EGSPOTrainer(args=cfg)
+    seen: dict[str, object] = {}
+    original_exact = trainer._exact_step_outputs
+
+    def exact_outputs(traj, selected):
+        out = original_exact(traj, selected)
+        exact, greedy, is_weights, _ = out
+        with torch.no_grad():
+            for k in range(selected.steps.shape[1]):
+                states = traj.states(selected.steps[:, k])
+                logits = trainer.dlm.logits(states, traj.attention_mask)[:, traj.prompt_length:].float()
+                logits[..., trainer.dlm.mask_id] = float("-inf")
+                completion = states[:, traj.prompt_length:]
+                expected = torch.where(completion == trainer.dlm.mask_id, logits.argmax(-1), completion)
+                assert torch.equal(greedy[:, k], expected)
+        approx = traj.step_logps.gather(1, selected.steps)
+        torch.testing.assert_close(is_weights, (exact - approx).exp().clamp(max=cap))
+        seen.update(greedy=greedy, is_weights=is_weights, weights=selected.weights)
+        return out
+
+    scored: list = []
+    original_score = trainer.scorer.score
+
+    def score(prompts, completions, rows, **kwargs):
+        scored.append(list(completions))
+        return original_score(prompts, completions, rows, **kwargs)
+
+    weights_seen: list[torch.Tensor] = []
+    original_loss = trainer_module.egspo_step_loss
+
+    def loss(logp, logp_old, logp_ref, advantages, weights, *args, **kwargs):
+        weights_seen.append(weights.detach().clone())
+        return original_loss(logp, logp_old, logp_ref, advantages, weights, *args, **kwargs)
+
+    trainer._exact_step_outputs = exact_outputs
+    monkeypatch.setattr(trainer.scorer, "score", score)
+    monkeypatch.setattr(trainer_module, "egspo_step_loss", loss)
+    trainer.train()
+    greedy = seen["greedy"]
+    k = greedy.shape[1]
+    decoded = trainer.processing_class.batch_decode(greedy.flatten(0, 1), skip_special_tokens=True)
+    assert scored[1] == decoded, "the step rewards score the exact greedy completions"
+    expected = (seen["weights"] * seen["is_weights"]).T  # slot-major, as the micro-batches run
+    for slot in range(k):
+        torch.testing.assert_close(weights_seen[slot], expected[slot].to(weights_seen[slot].dtype))
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("approx/log_ratio_mean", "approx/log_ratio_max", "approx/capped_fraction"):
+        assert key in line
+    assert 0 <= line["approx/capped_fraction"] <= 1

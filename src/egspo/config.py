@@ -219,6 +219,7 @@ def check_eval_settings(gen_lengths: list[int], block_length: int, steps_ratio: 
 #: Options each algorithm does not use, checked in EGSPOConfig.__post_init__ (set away from the default: warned).
 _UNUSED_BY = {
     "diffu_grpo": ("step_selection", "num_selected_steps", "adaptive_alpha", "stop_at_last_content",
+                   "importance_weight_cap",
                    "step_selection_as_published",
                    "stepwise_lambda", "normalize_returns", "center_step_term", "step_reward_correctness_only",
                    "kl_estimator", "logp_aggregation", "steps_per_microbatch"),
@@ -277,6 +278,9 @@ class EGSPOConfig:
         "full forward per block caches every layer's keys/values and the block's other steps run only part of the "
         "sequence against it; the trainer recomputes the selected steps' old log-probs exactly. Needs the native "
         "LLaDA/Dream models.", legacy="sampler.cache")
+    importance_weight_cap: float = _f(
+        2.0, "Cached rollouts: the truncated importance weight min(exp(logp_exact - logp_rollout), cap) that multiplies "
+        "each selected step's loss (docs/algorithm.md#approximate-rollouts); 0 switches the weight off.")
     compile_rollout: bool = _f(
         False, "Run the rollout forwards through torch.compile(model, dynamic=False), compiled once per shape.",
         legacy="sampler.compile")
@@ -428,7 +432,7 @@ class EGSPOConfig:
                 f"num_generations={self.num_generations}: a group baseline needs at least 2 rollouts per prompt.")
         for name in ("num_selected_steps", "steps_per_microbatch", "num_iterations"):
             _positive(name, getattr(self, name))
-        for name in ("beta", "epsilon", "epsilon_high"):
+        for name in ("beta", "epsilon", "epsilon_high", "importance_weight_cap"):
             _positive(name, getattr(self, name), allow_zero=True)
         if not 0 < self.adaptive_alpha <= 1:
             raise ConfigError(f"adaptive_alpha={self.adaptive_alpha} must be in (0, 1].")

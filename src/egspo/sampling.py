@@ -155,7 +155,7 @@ def sample(
                     tail_greedy = None
                     if record_greedy:
                         tail_greedy = stale_tail if stale_tail is not None else \
-                            _greedy_tokens(dlm, features[:, hi - lo :], chunk_rows)
+                            greedy_tokens(dlm, features[:, hi - lo :], chunk_rows)
                         if config.cache == "dual":
                             stale_tail = tail_greedy
                     _model_step(dlm, record, active, xa, features[:, : hi - lo], tail_greedy, step, config, generator)
@@ -203,7 +203,7 @@ def _step_features(
     return dlm.encode_window(xa, lo, end, cache, mask_a, model=model), cache
 
 
-def _greedy_tokens(dlm: DiffusionLM, features: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+def greedy_tokens(dlm: DiffusionLM, features: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """Argmax tokens (mask excluded) of ``features`` (B, P, H), the LM head run in bounded chunks.
 
     ``chunk_rows`` sizes the chunks for that many rows instead of B: sharded models (FSDP / ZeRO-3)
@@ -270,7 +270,7 @@ def _idle_step(
     scratch = record.scratch()
     batch = scratch.sequences.shape[0]
     features, _ = _step_features(dlm, model, scratch.sequences, attention_mask, step.lo, step.hi, config, None)
-    tail = _greedy_tokens(dlm, features[:, step.hi - step.lo :], batch) if scratch.greedy is not None else None
+    tail = greedy_tokens(dlm, features[:, step.hi - step.lo :], batch) if scratch.greedy is not None else None
     # a throwaway generator: with None the candidates would be drawn from the global RNG
     scratch_generator = torch.Generator(device=scratch.sequences.device)
     rows = torch.arange(batch, device=scratch.sequences.device)

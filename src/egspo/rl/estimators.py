@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from egspo.models.adapter import DiffusionLM
+from egspo.models.adapter import DiffusionLM, gather_positions
 from egspo.ops import token_logprobs
 from egspo.rl.losses import diffu_grpo_masked_inputs
+from egspo.sampling import greedy_tokens
 from egspo.trajectory import Trajectory
 
 
@@ -37,6 +38,22 @@ def action_logps(
     if aggregation == "mean":
         logp = logp / num_tokens
     return logp, num_tokens, valid, logits if with_logits else None
+
+
+def exact_step_outputs(
+    dlm: DiffusionLM, traj: Trajectory, steps: torch.Tensor, model: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One exact forward per state s_t, ``steps`` (N,): the step log-prob (sum over the committed tokens,
+    (N,)) and the one-step greedy completion x0|t (N, L_c): argmax (mask excluded) at every position still
+    masked in s_t, committed tokens kept (docs/algorithm.md#approximate-rollouts)."""
+    states = traj.states(steps)
+    features = dlm.encode(states, traj.attention_mask, model=model)
+    positions, tokens, valid = traj.actions(steps)
+    per_token = token_logprobs(dlm.head(gather_positions(features, positions)), tokens)
+    logp = torch.where(valid, per_token, torch.zeros_like(per_token)).sum(1)
+    completion = states[:, traj.prompt_length:]
+    greedy = greedy_tokens(dlm, features[:, traj.prompt_length:])
+    return logp, torch.where(completion == dlm.mask_id, greedy, completion)
 
 
 def masked_completion_logps(

@@ -52,7 +52,7 @@ from egspo.rl.batching import PromptStream, encode_prompts
 from egspo.rl.callbacks import CallbackHandler
 from egspo.rl.data import check_prompts, dataset_rows, is_conversational, prompt_text, reward_prompt
 from egspo.rl.distributed import agreed_max, check_launch, global_group_advantages, global_stepwise_advantages
-from egspo.rl.estimators import action_logps, masked_completion_logps
+from egspo.rl.estimators import action_logps, exact_step_outputs, masked_completion_logps
 from egspo.rl.losses import completion_token_mask, diffu_grpo_loss, egspo_step_loss, kl_exact
 from egspo.rl.metrics import MetricsWriter, read_metrics, step_histogram
 from egspo.rl.rewards import RewardScorer
@@ -307,7 +307,9 @@ class EGSPOTrainer:
         generator = stream("rollout", cfg.seed, step, acc.process_index, device=acc.device)
         with acc.autocast():
             traj = sample(self.dlm, ids, self.sampler_cfg, attention_mask=mask, generator=generator,
-                          record_greedy=cfg.algorithm != "diffu_grpo" and bool(cfg.stepwise_lambda))
+                          # a cached rollout's greedy completions are recomputed exactly (_exact_step_outputs)
+                          record_greedy=cfg.algorithm != "diffu_grpo" and bool(cfg.stepwise_lambda)
+                          and cfg.rollout_cache == "none")
         completions = self.processing_class.batch_decode(traj.completions, skip_special_tokens=True)
         return _Batch(rows=rows, prompts=[reward_prompt(row, text) for row, text in zip(rows, prompts, strict=True)],
                       traj=traj, completions=completions)
@@ -358,17 +360,19 @@ class EGSPOTrainer:
         batch, rewards, metrics = self._rollout_and_score(step, timings)
         t0 = time.perf_counter()
         selected = self._select(batch.traj, step)
-        adv, score_metrics = self._egspo_advantages(batch, selected, rewards)
-        metrics.update(score_metrics)
         timings["time/score"] += time.perf_counter() - t0
-        old_logps = None
-        if cfg.rollout_cache != "none":
+        old_logps = greedy = is_weights = None
+        if cfg.rollout_cache != "none":  # an approximate rollout: exact log-probs and greedy completions
             t0 = time.perf_counter()
-            old_logps, gap = self._exact_old_logps(batch.traj, selected)
-            metrics["approx/old_logp_gap"] = gap
+            old_logps, greedy, is_weights, mismatch = self._exact_step_outputs(batch.traj, selected)
+            metrics.update(mismatch)
             timings["time/old_logps"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        metrics.update(self._update_egspo(batch, selected, adv, old_logps))
+        adv, score_metrics = self._egspo_advantages(batch, selected, rewards, greedy)
+        metrics.update(score_metrics)
+        timings["time/score"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics.update(self._update_egspo(batch, selected, adv, old_logps, is_weights))
         timings["time/update"] = time.perf_counter() - t0
         return self._step_metrics(metrics, timings, [batch])
 
@@ -394,15 +398,19 @@ class EGSPOTrainer:
         )
 
     def _egspo_advantages(
-        self, batch: _Batch, selected: SelectedSteps, rewards: torch.Tensor
+        self, batch: _Batch, selected: SelectedSteps, rewards: torch.Tensor, greedy: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Stepwise advantages (B, K); ``greedy`` (B, K, L_c) replaces the sampler's recorded greedy completions
+        (the exact ones of an approximate rollout)."""
         cfg, acc = self.args, self.accelerator
         traj = batch.traj
         k = selected.steps.shape[1]
         metrics: dict[str, float] = {}
         greedy_rewards = None
         if cfg.stepwise_lambda:
-            greedy = traj.greedy_completions(selected.steps)  # (B, K, L_c)
+            if greedy is None:
+                greedy = traj.greedy_completions(selected.steps)  # (B, K, L_c)
+            greedy = greedy.cpu()
             texts = self.processing_class.batch_decode(greedy.flatten(0, 1), skip_special_tokens=True)
             rows = [row for row in batch.rows for _ in range(k)]
             prompts = [p for p in batch.prompts for _ in range(k)]
@@ -427,37 +435,51 @@ class EGSPOTrainer:
         return adv.to(acc.device), metrics
 
     @torch.no_grad()
-    def _exact_old_logps(self, traj: Trajectory, selected: SelectedSteps) -> tuple[torch.Tensor, float]:
-        """(B, K) step log-probs (sums) of the selected actions under the exact model, and the mean
-        |approximate - exact| over the real selections.
+    def _exact_step_outputs(
+        self, traj: Trajectory, selected: SelectedSteps
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """The correction of an approximate (KV-cached) rollout (docs/algorithm.md#approximate-rollouts).
 
-        A cached rollout (``rollout_cache``) records log-probs of an approximate forward, so a ratio
-        against them would not start at 1 and the clip would act on the approximation error. They are
-        recomputed here with the exact forward, before any update of this batch (the model is still the
-        rollout's policy), in eval mode as the rollout ran: one forward per selected-step slot, batched
-        over the rows.
+        One exact forward per selected-step slot, batched over the rows, before any update of this batch
+        (the model is still the rollout's policy) and in eval mode as the rollout ran, gives: the exact
+        step log-probs (B, K), which replace the recorded approximate ones in the ratio; the exact greedy
+        completions (B, K, L_c), which give the step rewards; and the truncated importance weights
+        min(exp(exact - approximate), importance_weight_cap) (B, K), None when the cap is 0. Also the
+        mismatch metrics: mean |log-ratio|, mean and max log-ratio, share of capped weights.
         """
-        acc = self.accelerator
+        acc, cap = self.accelerator, self.args.importance_weight_cap
         traj = traj.to(acc.device)
         steps = selected.steps.to(acc.device)
         with self.dlm.evaluating(), acc.autocast():
-            exact = torch.stack([action_logps(self.dlm, traj, steps[:, k])[0].float()
-                                 for k in range(steps.shape[1])], dim=1)
-        approx = traj.step_logps.gather(1, steps)
+            outputs = [exact_step_outputs(self.dlm, traj, steps[:, k]) for k in range(steps.shape[1])]
+        exact = torch.stack([logp.float() for logp, _ in outputs], dim=1)
+        greedy = torch.stack([tokens for _, tokens in outputs], dim=1)
+        log_ratio = exact - traj.step_logps.gather(1, steps).float()
         weights = selected.weights.to(acc.device).float()
-        gap_sum = ((approx - exact).abs() * weights).sum().view(1)
-        totals = self._gather(torch.cat([gap_sum, weights.sum().view(1)]).view(1, 2)).sum(0)
-        return exact, float(totals[0] / totals[1].clamp_min(1))
+        is_weights = log_ratio.exp().clamp(max=cap) if cap > 0 else None
+        capped = (log_ratio.exp() > cap).float() if cap > 0 else torch.zeros_like(log_ratio)
+        local = torch.stack([(log_ratio.abs() * weights).sum(), (log_ratio * weights).sum(), (capped * weights).sum(),
+                             weights.sum()]).view(1, 4)
+        totals = self._gather(local).sum(0)
+        real = log_ratio.masked_fill(weights == 0, float("-inf")).max().view(1)
+        n = totals[3].clamp_min(1)
+        mismatch = {"approx/old_logp_gap": float(totals[0] / n), "approx/log_ratio_mean": float(totals[1] / n),
+                    "approx/log_ratio_max": float(self._gather(real).max()),
+                    "approx/capped_fraction": float(totals[2] / n)}
+        return exact, greedy, is_weights, mismatch
 
     def _update_egspo(
-        self, batch: _Batch, selected: SelectedSteps, adv: torch.Tensor, old_logps: torch.Tensor | None = None
+        self, batch: _Batch, selected: SelectedSteps, adv: torch.Tensor, old_logps: torch.Tensor | None = None,
+        is_weights: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """K micro-batch updates; ``old_logps`` (B, K) replaces the sampler's recorded step log-probs
-        (the exact ones of an approximate, cached rollout)."""
+        """K micro-batch updates; ``old_logps`` (B, K) replaces the sampler's recorded step log-probs and
+        ``is_weights`` (B, K) multiply the steps' losses (the correction of an approximate, cached rollout)."""
         cfg, acc = self.args, self.accelerator
         traj = batch.traj.to(acc.device)
         steps_all = selected.steps.to(acc.device)
         weights_all = selected.weights.to(acc.device)
+        if is_weights is not None:  # padding keeps weight 0
+            weights_all = weights_all * is_weights.to(weights_all.dtype)
         per_mb = cfg.steps_per_microbatch
         # An adaptive K need not fill whole optimizer steps: pad with zero-weight slots so that the last
         # optimizer step of this batch is complete and no gradient carries over into the next batch.
