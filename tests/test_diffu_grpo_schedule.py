@@ -4,27 +4,35 @@ slot, and each optimizer step accumulates every slot's batch, iteration i with m
 from __future__ import annotations
 
 import pytest
+import torch
 
+import egspo.rl.estimators as estimators_module
 import egspo.rl.trainer as trainer_module
 from egspo import EGSPOConfig, EGSPOTrainer
+
+torch.set_num_threads(1)
 
 ROWS = [{"prompt": f"say {i}"} for i in range(8)]
 
 
-def variety(prompts, completions, **kwargs):
-    """Distinct characters per completion: random completions differ, so advantages are not all zero."""
+def distinct(prompts, completions, **kwargs):
+    """Share of distinct characters: differs between the rollouts of a group (builtin:tiny's random
+    completions almost never contain a given character, so a count of one gave all-zero advantages and
+    no update at all)."""
     return [len(set(text)) / 8 for text in completions]
 
 
-@pytest.fixture
-def recorded(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
     """A 1-step diffu-GRPO run (2 accumulation slots, 3 iterations) with its rollouts, training forwards,
-    optimizer steps and per-micro-batch ratios recorded."""
-    args = EGSPOConfig(algorithm="diffu_grpo", output_dir=str(tmp_path / "run"), max_steps=1,
+    optimizer steps, per-micro-batch ratios and every masked estimator input (which use: old, ref or
+    current; which batch; the mask) recorded."""
+    args = EGSPOConfig(algorithm="diffu_grpo", output_dir=str(tmp_path_factory.mktemp("d1") / "run"), max_steps=1,
                        per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2,
                        num_iterations=3, max_completion_length=8, block_length=8, diffusion_steps=4,
-                       learning_rate=1e-2, save_steps=0, seed=0, epsilon=0.5, epsilon_high=0.5)
-    trainer = EGSPOTrainer(model="builtin:tiny", reward_funcs=[variety], train_dataset=ROWS, args=args)
+                       learning_rate=1e-2, save_steps=0, seed=0, epsilon=0.5, epsilon_high=0.5, beta=0.04,
+                       p_mask_prompt=0.5, lora_r=8, lora_alpha=16)
+    trainer = EGSPOTrainer(model="builtin:tiny", reward_funcs=[distinct], train_dataset=ROWS, args=args)
     events: list[tuple] = []
     rollout = trainer._rollout
 
@@ -34,8 +42,10 @@ def recorded(tmp_path, monkeypatch):
         return batch
 
     estimator = trainer_module.masked_completion_logps
+    use = {}
 
     def spy_estimator(dlm, traj, seed, p_mask, model=None):
+        use["kind"] = "ref" if model is not None else "current" if torch.is_grad_enabled() else "old"
         out = estimator(dlm, traj, seed, p_mask, model=model)
         if out.requires_grad:  # a training forward (old and reference ones run without grad)
             events.append(("forward", traj.sequences.data_ptr(), seed))
@@ -48,17 +58,26 @@ def recorded(tmp_path, monkeypatch):
         events.append(("ratio", float(stats["ratio"])))
         return loss, stats
 
+    masked_inputs = estimators_module.diffu_grpo_masked_inputs
+
+    def spy_masked_inputs(input_ids, prompt_length, **kwargs):
+        out = masked_inputs(input_ids, prompt_length, **kwargs)
+        events.append(("mask", use["kind"], input_ids.data_ptr(), out == kwargs["mask_id"]))
+        return out
+
     step = trainer.optimizer.step
 
     def spy_step(*a, **k):
         events.append(("optimizer_step",))
         return step(*a, **k)
 
-    monkeypatch.setattr(trainer, "_rollout", spy_rollout)
-    monkeypatch.setattr(trainer_module, "masked_completion_logps", spy_estimator)
-    monkeypatch.setattr(trainer_module, "diffu_grpo_loss", spy_loss)
-    monkeypatch.setattr(trainer.optimizer, "step", spy_step)
-    trainer.train()
+    with pytest.MonkeyPatch.context() as mp:  # one run shared by the module's tests
+        mp.setattr(trainer, "_rollout", spy_rollout)
+        mp.setattr(trainer_module, "masked_completion_logps", spy_estimator)
+        mp.setattr(trainer_module, "diffu_grpo_loss", spy_loss)
+        mp.setattr(estimators_module, "diffu_grpo_masked_inputs", spy_masked_inputs)
+        mp.setattr(trainer.optimizer, "step", spy_step)
+        trainer.train()
     return trainer, events
 
 
@@ -82,3 +101,31 @@ def test_the_ratio_is_one_before_the_first_optimizer_step(recorded):
     ratios = [e[1] for e in events if e[0] == "ratio"]
     assert ratios[0] == pytest.approx(1.0, abs=1e-6) and ratios[1] == pytest.approx(1.0, abs=1e-6)
     assert any(abs(r - 1.0) > 1e-6 for r in ratios[2:]), "later iterations see the updated policy"
+
+
+def test_old_reference_and_current_logps_of_an_iteration_share_one_mask(recorded):
+    """Per batch, the masked inputs of iteration i (the i-th old and reference forwards, the current one of
+    optimizer step i) mask the same positions, and different iterations mask different prompt positions
+    (so it is the mask that is shared, not one mask for everything). Read from the estimator's inputs, not
+    from the seeds the trainer passes. Mutations caught: the reference forward with another seed, the
+    current forward always with the first seed, the prompt mask drawn from the global RNG."""
+    trainer, events = recorded
+    masks = [e[1:] for e in events if e[0] == "mask"]
+    batches = list(dict.fromkeys(ptr for _, ptr, _ in masks))
+    assert len(batches) == 2
+    iterations = trainer.args.num_iterations
+    for ptr in batches:
+        by_use = {kind: [m for k, p, m in masks if k == kind and p == ptr] for kind in ("old", "ref", "current")}
+        assert {kind: len(ms) for kind, ms in by_use.items()} == {"old": iterations, "ref": iterations,
+                                                                  "current": iterations}
+        for i in range(iterations):
+            assert torch.equal(by_use["ref"][i], by_use["old"][i]) and torch.equal(by_use["current"][i],
+                                                                                    by_use["old"][i])
+        completion_length = trainer.args.max_completion_length
+        for i in range(iterations):
+            mask = by_use["old"][i]
+            assert mask[:, -completion_length:].all(), "every completion token is masked"
+            prompt_mask = mask[:, :-completion_length]
+            assert 0 < prompt_mask.sum() < prompt_mask.numel(), "a random share of the prompt is masked"
+            for j in range(i):
+                assert not torch.equal(mask, by_use["old"][j]), f"iterations {j} and {i} share a mask"

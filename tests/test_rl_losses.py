@@ -38,10 +38,45 @@ def test_clipped_surrogate_matches_scalar_reference():
     assert clipped.tolist() == [False, True, True, False, False]
 
 
-def test_kl_k3_matches_scalar_reference():
-    cur, ref = [-1.0, -2.0, -0.3], [-1.5, -1.0, -0.3]
-    torch.testing.assert_close(kl_k3(_t(cur), _t(ref)), _t([_k3(c, r) for c, r in zip(cur, ref)]))
+def test_kl_k3_known_values():
+    # by hand, with r = pi_ref(a) / pi(a): k3 = r - log r - 1
+    half, quarter = math.log(0.5), math.log(0.25)
+    out = kl_k3(_t([half, quarter, half, -0.3]), _t([quarter, half, half, -0.3]))
+    torch.testing.assert_close(out, _t([math.log(2) - 0.5, 1 - math.log(2), 0.0, 0.0]))
     assert kl_k3(_t([-0.3]), _t([-0.3])).item() == 0.0
+
+
+# k3 checked against quantities that do not restate it. Mutations caught (tried): current and reference
+# swapped, the "- 1" dropped, the sign of the linear term flipped, k2 = diff^2 / 2 in its place.
+# A small categorical pi and a uniform reference; the two KL directions differ (0.438 vs 0.652 nats), so
+# an estimator of the wrong one cannot pass. An independent quantity, not the k3 formula restated.
+PI = [0.6, 0.3, 0.08, 0.02]
+REF = [0.25, 0.25, 0.25, 0.25]
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_kl_k3_expectation_under_pi_is_kl_pi_ref():
+    """k3 is an unbiased estimator of KL(pi || ref) for actions drawn from pi: its exact expectation (a sum
+    over the 4 actions) equals KL(pi || ref), not KL(ref || pi)."""
+    assert abs(_kl(PI, REF) - _kl(REF, PI)) > 0.2
+    logp, logr = _t(PI).log(), _t(REF).log()
+    expectation = (_t(PI) * kl_k3(logp, logr)).sum().item()
+    assert expectation == pytest.approx(_kl(PI, REF), rel=1e-12)
+    assert (kl_k3(logp, logr)[torch.tensor(PI) != torch.tensor(REF)] > 0).all()
+
+
+def test_kl_k3_monte_carlo_mean_over_samples_from_pi():
+    """Actions sampled from pi (fixed seed): the sample mean of k3 is within 4 standard errors of
+    KL(pi || ref) (and further than that from KL(ref || pi))."""
+    n = 200_000
+    actions = torch.multinomial(_t(PI), n, replacement=True, generator=torch.Generator().manual_seed(0))
+    k3 = kl_k3(_t(PI).log()[actions], _t(REF).log()[actions])
+    mean, stderr = k3.mean().item(), k3.std().item() / math.sqrt(n)
+    assert abs(mean - _kl(PI, REF)) < 4 * stderr
+    assert abs(mean - _kl(REF, PI)) > 4 * stderr
 
 
 def test_kl_exact_matches_scalar_reference_and_skips_invalid_positions():

@@ -62,6 +62,26 @@ def _run(dlm: DiffusionLM, cfg: SamplerConfig, seed: int = 0, **kw):
     return sample(dlm, ids, cfg, attention_mask=mask, generator=torch.Generator().manual_seed(seed), **kw)
 
 
+@torch.no_grad()
+def full_forward_logps(model: torch.nn.Module, traj, steps: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """(B,) log pi(a_t | s_t) at ``steps`` (B,), computed without the library's estimator (no
+    ``action_logps``, ``Trajectory.states/actions``, ``logits_positions`` or ``token_logprobs``): s_t rebuilt
+    from its definition (a completion position holds its token iff committed before t), one plain full
+    forward of ``model``, log_softmax over the vocabulary and a gather at the positions committed at t.
+    ``shift`` = 1 for Dream, whose raw output at i predicts token i + 1. The comparisons against it catch
+    (tried): s_t rebuilt with the step's own tokens (``<=`` in ``Trajectory.states``), the trainer's exact
+    old log-probs all taken at slot 0, ``action_logps`` without the attention mask, Dream's shift ignored
+    at the head positions, the exact recomputation run in train mode (LoRA dropout)."""
+    lp = traj.prompt_length
+    completion = traj.sequences[:, lp:]
+    before = traj.step_of_position < steps.unsqueeze(1)
+    state = torch.cat([traj.sequences[:, :lp], torch.where(before, completion, traj.mask_id)], dim=1)
+    raw = model(input_ids=state, attention_mask=traj.attention_mask).logits.float()
+    aligned = raw[:, lp - shift : raw.shape[1] - shift]
+    logp = torch.log_softmax(aligned, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    return torch.where(traj.step_of_position == steps.unsqueeze(1), logp, 0.0).sum(1)
+
+
 # -- the models' windowed forward ------------------------------------------------------------------
 
 
@@ -119,10 +139,21 @@ def test_first_step_of_every_block_is_the_exact_samplers(name, cache):
     assert torch.equal(exact.greedy[:, 0], cached.greedy[:, 0])
     # every block's first step: the recorded log-prob is the exact model's on the rebuilt state
     for t in range(0, cfg.steps, cfg.steps_per_block):
+        logp = full_forward_logps(dlm.model, cached, torch.full((3,), t), dlm.shift)
+        torch.testing.assert_close(logp, cached.step_logps[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_action_logps_is_a_full_forward_on_the_rebuilt_state(name):
+    """The trainer's estimator (states rebuilt by the trajectory, LM head only at the committed positions)
+    against the plain full forward, at every step, the left-padded row included."""
+    dlm = MODELS[name]()
+    traj = _run(dlm, _cfg("none"))
+    for t in range(traj.num_steps):
         steps = torch.full((3,), t)
         with torch.no_grad():
-            logp = action_logps(dlm, cached, steps)[0]
-        torch.testing.assert_close(logp, cached.step_logps[:, t], rtol=1e-5, atol=1e-5)
+            logp = action_logps(dlm, traj, steps)[0]
+        torch.testing.assert_close(logp, full_forward_logps(dlm.model, traj, steps, dlm.shift), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -143,7 +174,7 @@ def test_recorded_logps_and_greedy_match_a_recomputation_with_the_same_cache(nam
             end = state.shape[1] if cache == "prefix" else hi
             window = dlm.encode_window(state, lo, end, cache_kv, traj.attention_mask)
             logits = gather_positions(dlm.head(window[:, : hi - lo]), positions - lo)
-            exact = action_logps(dlm, traj, torch.full((3,), t))[0]
+        exact = full_forward_logps(dlm.model, traj, torch.full((3,), t), dlm.shift)
         logp = torch.where(valid, token_logprobs(logits, tokens), 0.0).sum(1)
         torch.testing.assert_close(logp, traj.step_logps[:, t], rtol=1e-4, atol=1e-4)
         # greedy tail: this step's window (prefix) or the block start's forward (dual, stale)
@@ -301,10 +332,12 @@ def test_trainer_with_dual_cache_recomputes_old_logps_exactly(micro_model, promp
         approx = traj.step_logps.gather(1, selected.steps)
         w = selected.weights.bool()
         assert abs(gap - float((approx - exact)[w].abs().mean())) < 1e-5
-        # the exact old log-probs are those of the rollout's model on the rebuilt states
-        with torch.no_grad():
-            check = action_logps(trainer.dlm, traj, selected.steps[:, 0])[0]
-        torch.testing.assert_close(exact[:, 0], check, rtol=1e-5, atol=1e-5)
+        # the exact old log-probs of every selected slot are those of a plain full forward of the rollout's
+        # model on s_t (an independent computation, not the trainer's estimator again)
+        with trainer.dlm.evaluating():
+            check = torch.stack([full_forward_logps(trainer.dlm.model, traj, selected.steps[:, k])
+                                 for k in range(selected.steps.shape[1])], dim=1)
+        torch.testing.assert_close(exact, check, rtol=1e-5, atol=1e-5)
         recorded.append(exact)
         return exact, greedy, is_weights, mismatch
 
@@ -357,10 +390,9 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
         assert all(torch.equal(p, seen["weights"][n]) for n, p in model.named_parameters() if p.requires_grad)
         outputs = original_exact(traj, selected)
         exact = outputs[0]
-        model.eval()
-        with torch.no_grad():
-            check = torch.stack([action_logps(trainer.dlm, traj, selected.steps[:, k])[0]
-                                 for k in range(selected.steps.shape[1])], dim=1)
+        model.eval()  # the rollout's mode: LoRA dropout off
+        check = torch.stack([full_forward_logps(model, traj, selected.steps[:, k])
+                             for k in range(selected.steps.shape[1])], dim=1)
         model.train()
         torch.testing.assert_close(exact, check, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(exact, traj.step_logps.gather(1, selected.steps)), "the record is approximate"

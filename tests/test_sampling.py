@@ -156,3 +156,65 @@ def test_recorder_commits_build_the_trajectory():
     assert traj.forced.tolist() == [[False, False], [False, True]] and traj.step_logps[1, 1] == 0
     assert traj.last_content_step.tolist() == [0, 0]
     assert traj.tokens_per_step.tolist() == [[2, 2], [2, 2]]
+
+
+# -- candidate sampling at a temperature -------------------------------------------------------------
+
+#: Fixed logits of the fake model below (vocabulary of 6; token 5 is the mask, given the largest logit so
+#: that a sampler which forgot to exclude it would commit it).
+FIXED_LOGITS = [2.0, 1.0, 0.0, -1.0, 0.5, 3.0]
+FAKE_MASK, FAKE_EOS = 5, 4
+
+
+class FixedLogitsLM(torch.nn.Module):
+    """A masked LM whose logits are the same at every position of every input (generic adapter path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("row", torch.tensor(FIXED_LOGITS))
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # DiffusionLM.device reads a parameter
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.row.expand(*input_ids.shape, -1).clone())
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_candidates_follow_the_tempered_softmax(temperature):
+    """One step commits every position of a 4-token block, so each row gives 4 candidate draws. Their
+    frequencies match softmax(logits / T) over the non-mask tokens (chi-square with 4 degrees of freedom
+    below 33.4, p = 1e-6 under the right distribution, fixed seed), pairs of positions of one row are
+    independent (24 degrees of freedom, below 72.2), and the untempered softmax is rejected by far (so
+    the test can tell the two apart). Mutations caught: logits * T instead of / T, ``+ log E`` for
+    ``- log E`` in the Gumbel race, uniform noise, no temperature, the mask token allowed, one noise
+    draw shared by the positions of a row."""
+    from egspo.models.adapter import DiffusionLM
+
+    dlm = DiffusionLM(model=FixedLogitsLM(), mask_id=FAKE_MASK, stop_ids=(FAKE_EOS,))
+    rows = 5000
+    cfg = SamplerConfig(gen_length=4, block_length=4, steps=1, temperature=temperature)
+    traj = sample(dlm, torch.zeros(rows, 1, dtype=torch.long), cfg, generator=torch.Generator().manual_seed(0))
+    tokens = traj.completions
+    assert (tokens != FAKE_MASK).all()
+    allowed = torch.tensor(FIXED_LOGITS[:FAKE_MASK])
+    probs = torch.softmax(allowed / temperature, dim=0)
+    counts = torch.bincount(tokens.reshape(-1), minlength=FAKE_MASK).float()
+    assert _chi_square(counts, probs) < 33.4
+    assert _chi_square(counts, torch.softmax(allowed, dim=0)) > 1000
+    pairs = torch.bincount(tokens[:, 0] * FAKE_MASK + tokens[:, 3], minlength=FAKE_MASK**2).float()
+    assert _chi_square(pairs, torch.outer(probs, probs).reshape(-1)) < 72.2
+
+
+def test_temperature_zero_takes_the_argmax_of_the_non_mask_tokens():
+    from egspo.models.adapter import DiffusionLM
+
+    dlm = DiffusionLM(model=FixedLogitsLM(), mask_id=FAKE_MASK, stop_ids=(FAKE_EOS,))
+    cfg = SamplerConfig(gen_length=4, block_length=4, steps=1, temperature=0.0)
+    traj = sample(dlm, torch.zeros(8, 1, dtype=torch.long), cfg, generator=torch.Generator().manual_seed(0))
+    assert (traj.completions == 0).all()
