@@ -107,8 +107,8 @@ def test_conversational_prompts_use_the_chat_template_and_get_messages_back(tmp_
     trainer = EGSPOTrainer(model="builtin:sudoku-tiny", reward_funcs=[calls], train_dataset=rows,
                            args=small_args(tmp_path / "c", max_steps=1, algorithm="egspo"))
     trainer.train()
-    prompts, completions, _, _ = calls.seen[0]
-    assert prompts[0] == rows[0]["prompt"]
+    prompts, completions, _, labels = calls.seen[0]
+    assert all(prompt == [{"role": "user", "content": f"say {label}"}] for prompt, label in zip(prompts, labels))
     assert completions[0][0]["role"] == "assistant" and isinstance(completions[0][0]["content"], str)
 
 

@@ -39,8 +39,10 @@ def _sevens(trainer: EGSPOTrainer, n: int = 64) -> float:
 
 @pytest.mark.parametrize("algorithm", ["egspo_sa", "diffu_grpo"])
 def test_training_raises_a_learnable_reward(micro_model, prompts_file, tmp_path, algorithm):
+    # diffu-GRPO with d1's symmetric clip (epsilon 0.5 both ways)
+    clip = ["epsilon=0.5"] if algorithm == "diffu_grpo" else []
     cfg = make_config(micro_model, prompts_file, tmp_path / "run", f"algorithm={algorithm}", "max_steps=30",
-                      "learning_rate=0.003")
+                      "learning_rate=0.003", *clip)
     trainer = EGSPOTrainer(args=cfg)
     before = _sevens(trainer)
     reference = {k: v.clone() for k, v in trainer.dlm.reference.state_dict().items()}
