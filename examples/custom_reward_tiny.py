@@ -5,8 +5,8 @@
 Each prompt asks for one digit ("Write the digit 4 many times."); the reward is the share of the
 completion that is that digit. The reward function has TRL's signature: it gets the prompts, the
 completions and every other dataset column (here ``digit``) as keyword arguments. The model is
-``builtin:tiny``, a random-init 3.4M-parameter LLaDA-architecture model, so the point is the mechanics:
-the mean reward of the policy rises within a few dozen EGSPO-SA steps.
+``builtin:sudoku-tiny``, the 3.5M-parameter LLaDA shipped for the Sudoku demo: it writes digits 1-4 but
+has never been asked for one; a few EGSPO-SA steps teach it to follow the prompt.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def make_dataset(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        digit = str(rng.randrange(10))
+        digit = str(rng.randrange(1, 5))  # the digits a 4x4 Sudoku model writes
         rows.append({"prompt": f"Write the digit {digit} many times.", "digit": digit})
     return rows
 
@@ -43,7 +43,7 @@ def mean_reward(trainer: EGSPOTrainer, rows: list[dict[str, str]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/example-custom")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -51,9 +51,9 @@ def main() -> None:
         output_dir=args.out, max_steps=args.steps, seed=0,
         per_device_train_batch_size=32, num_generations=8,      # 4 prompts x 8 rollouts per step
         max_completion_length=16, block_length=16, diffusion_steps=8, num_selected_steps=4,
-        learning_rate=3e-3, max_grad_norm=1.0, lora_r=16, lora_alpha=32, save_steps=0,
+        learning_rate=1e-3, max_grad_norm=1.0, lora_r=16, lora_alpha=32, save_steps=0,
     )
-    trainer = EGSPOTrainer(model="builtin:tiny", reward_funcs=[digit_share], train_dataset=make_dataset(512),
+    trainer = EGSPOTrainer(model="builtin:sudoku-tiny", reward_funcs=[digit_share], train_dataset=make_dataset(512),
                            args=config)
     held_out = make_dataset(40, seed=1)
     before = mean_reward(trainer, held_out)
