@@ -228,3 +228,17 @@ def test_an_adapter_on_the_wrong_base_is_refused_with_its_recorded_base(tmp_path
     with pytest.raises(ConfigError, match="was trained on 'builtin:tiny' and does not fit the base model "
                                           "'builtin:small'.*--model builtin:tiny"):
         load_variant("builtin:small", out / "checkpoint-1" / "adapter")
+
+
+def test_a_selected_step_count_that_does_not_fill_whole_optimizer_steps_is_padded(tmp_path, monkeypatch):
+    """K = 3 selected steps with accumulation 2: the batch's second optimizer step is completed with a
+    zero-weight micro-batch, so exactly 2 optimizer steps run and no gradient is left for the next batch."""
+    args = small_args(tmp_path / "k3", max_steps=1, diffusion_steps=3, save_steps=0)
+    assert args.num_selected_steps == 3
+    trainer = EGSPOTrainer(model="builtin:tiny", reward_funcs=[sevens], train_dataset=ROWS, args=args)
+    steps = []
+    step = trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: (steps.append(1), step(*a, **k))[1])
+    trainer.train()
+    assert len(steps) == 2
+    assert all(p.grad is None for p in trainer.model.parameters()), "nothing accumulated after the batch"

@@ -189,9 +189,10 @@ class EGSPOTrainer:
         updates = cfg.num_iterations * cfg.gradient_accumulation_steps if cfg.algorithm == "diffu_grpo" else (
             cfg.num_selected_steps // cfg.steps_per_microbatch)
         if cfg.step_selection != "adaptive" and updates % cfg.gradient_accumulation_steps:
-            raise ConfigError(
-                f"{updates} micro-batches per rollout batch is not a multiple of gradient_accumulation_steps="
-                f"{cfg.gradient_accumulation_steps}: gradients would carry over between rollout batches.")
+            logger.warning(
+                "%d micro-batches per rollout batch is not a multiple of gradient_accumulation_steps=%d: each batch's "
+                "last optimizer step is completed with zero-weight micro-batches (no gradient carries over, but "
+                "their forwards cost time); a multiple is faster.", updates, cfg.gradient_accumulation_steps)
         _writable_target(self.run_dir)
         set_seed(cfg.seed)
         self.sampler_cfg = cfg.rollout_sampler()
