@@ -385,7 +385,16 @@ def _split_lm_eval(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     own, lm_eval_args = _split_lm_eval(list(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(own)
+    args, extra = parser.parse_known_args(own)
+    # overrides may also follow an option (`train --config c.yaml --resume max_steps=10`), which argparse
+    # leaves unparsed after a positional list: they join the overrides; anything else is an error
+    takes_overrides = hasattr(args, "overrides")
+    overrides = [item for item in extra if takes_overrides and "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     if args.command == LM_EVAL_COMMAND:
         args.lm_eval_args = lm_eval_args
     logging.basicConfig(

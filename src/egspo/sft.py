@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from egspo.checkpoint import check_fresh_or_resume, latest_checkpoint, load_checkpoint, save_checkpoint
+from egspo.checkpoint import (check_fresh_or_resume, latest_checkpoint, list_checkpoints, load_checkpoint,
+                              save_checkpoint)
 from egspo.config import ConfigError, EGSPOConfig, save_config
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
@@ -114,7 +116,19 @@ def masked_diffusion_loss(
 
 
 def sft(cfg: EGSPOConfig, resume: bool = False) -> Path:
-    """Run masked-diffusion SFT; returns the run directory (final weights in its last checkpoint)."""
+    """Run masked-diffusion SFT; returns the run directory (final weights in its last checkpoint). A run
+    that fails before its first checkpoint removes the output directory it created."""
+    run_dir = Path(cfg.output_dir)
+    created = not run_dir.exists()
+    try:
+        return _sft(cfg, resume)
+    except BaseException:
+        if created and not list_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _sft(cfg: EGSPOConfig, resume: bool) -> Path:
     run_dir = Path(cfg.output_dir)
     acc = make_accelerator(cfg)
     check_output_dir(run_dir)
