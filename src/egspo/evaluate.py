@@ -42,6 +42,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from peft import PeftModel
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -432,6 +433,7 @@ def _generate_variant_length(
     batch_size: int,
     seed: int,
     state: PartialState,
+    task: Task | None = None,
 ) -> tuple[int, int, float]:
     """Generate the unfinished items (this process's share) and merge; return (reused, generated, seconds).
 
@@ -451,12 +453,21 @@ def _generate_variant_length(
                     paths.generations, len(done), len(rows), len(pending), state.num_processes)
     start = time.perf_counter()
     part = paths.part(state.process_index)
+    # progress of this process's share (the main process's bar speaks for all): items/s, running accuracy
+    bar = tqdm(total=sum(len(b) for b in mine), desc=f"{paths.generations.name}", unit="item", dynamic_ncols=True,
+               disable=not state.is_main_process or not mine)
+    correct = 0.0
     for batch in mine:
         assert dlm is not None
         texts = generate_batch(dlm, tokenizer, [prompts[i] for i in batch], sampler_cfg,
                                _generator(dlm.device, seed, batch[0]))
         _append_lines(part, [make_line(i, prompts[i], rows[i], t) for i, t in zip(batch, texts, strict=True)])
         logger.debug("%s: generated items %s", part, batch)
+        if task is not None and not bar.disable:
+            correct += task.metrics(texts, [rows[i] for i in batch])["accuracy"] * len(batch)
+            bar.set_postfix(accuracy=f"{correct / (bar.n + len(batch)):.1f}%")
+        bar.update(len(batch))
+    bar.close()
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
     if state.is_main_process:
@@ -571,7 +582,7 @@ def evaluate(
             paths = all_paths[length]
             reused, generated, seconds = _generate_variant_length(
                 dlm, tokenizer, rows, prompts, lengths, sampler_cfg, paths,
-                batch_size=eval_cfg.batch_size, seed=seed, state=state)
+                batch_size=eval_cfg.batch_size, seed=seed, state=state, task=task)
             if state.is_main_process:
                 completions = [line["completion"] for line in _read_lines(paths.generations)]
                 metrics = {
