@@ -33,7 +33,7 @@ def test_config_prints_only_the_config(tmp_path):
     proc = _cli("config", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert _noise(proc.stderr) == [] and _noise(proc.stdout) == []
-    assert "model" in yaml.safe_load(proc.stdout)
+    assert "model_name_or_path" in yaml.safe_load(proc.stdout)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed package")
