@@ -75,6 +75,8 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+QuantType = Literal["nf4", "fp4"]
 RolloutCache = Literal["none", "prefix", "dual"]
 Remasking = Literal["low_confidence", "random"]
 Algorithm = Literal["egspo_sa", "egspo", "diffu_grpo"]
@@ -104,6 +106,12 @@ class ModelConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = None
     gradient_checkpointing: bool = False
+    #: bitsandbytes quantisation of the base weights at load (egspo[qlora]); LoRA trains on top.
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: QuantType = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: ComputeDtype = "bfloat16"
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -259,6 +267,21 @@ class EGSPOConfig:
         legacy="model.lora_target_modules")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.",
                                       legacy="model.gradient_checkpointing")
+    load_in_4bit: bool = _f(
+        False, "QLoRA: load the base weights quantised to 4 bits by bitsandbytes (pip install 'egspo[qlora]'; CUDA "
+        "only; needs use_peft=true). The LoRA adapter trains on top; the reference is the adapter-disabled 4-bit "
+        "base. See docs/qlora.md.")
+    load_in_8bit: bool = _f(
+        False, "Load the base weights quantised to 8 bits (bitsandbytes LLM.int8; CUDA only; needs use_peft=true).")
+    bnb_4bit_quant_type: QuantType = _f("nf4", "load_in_4bit: the 4-bit data type, nf4 (NormalFloat) or fp4.")
+    bnb_4bit_use_double_quant: bool = _f(
+        True, "load_in_4bit: also quantise the per-block scales (about 0.4 bits per weight saved).")
+    bnb_4bit_compute_dtype: ComputeDtype = _f(
+        "bfloat16", "load_in_4bit: the dtype the 4-bit weights are dequantised to for each matrix product.")
+    max_memory_gb: float | None = _f(
+        None, "Memory budget of one device in GB (2^30 bytes): egspo estimates the peak of a training step before "
+        "loading the weights, turns gradient checkpointing on if it is needed to fit, and refuses a budget that "
+        "nothing fits (naming the smallest settings that would). See docs/qlora.md#memory-planner.")
 
     # -- rollout generation -----------------------------------------------------------------------
     max_completion_length: int = _f(256, "Completion length L_c in tokens.", legacy="sampler.gen_length")
@@ -487,7 +510,10 @@ class EGSPOConfig:
             name_or_path=name_or_path or self.model_name_or_path, dtype=self.dtype,
             trust_remote_code=self.trust_remote_code, lora=self.use_peft, lora_r=self.lora_r,
             lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
-            gradient_checkpointing=self.gradient_checkpointing,
+            gradient_checkpointing=self.gradient_checkpointing, load_in_4bit=self.load_in_4bit,
+            load_in_8bit=self.load_in_8bit, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
         )
 
     def rollout_sampler(self) -> SamplerConfig:

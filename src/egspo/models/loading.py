@@ -16,10 +16,17 @@ with the transformers Auto classes), never their remote code: those are weight-c
 ``logits_positions=``. Everything else loads with ``AutoModelForMaskedLM`` (BERT, ModernBERT, ...), or with
 the checkpoint's own code when ``trust_remote_code`` is set. Tokenizers pad on the left, as batched
 generation needs.
+
+``load_in_4bit`` / ``load_in_8bit`` (egspo[qlora]) pass a transformers ``BitsAndBytesConfig`` to
+``from_pretrained``, which quantises the block linears as they are loaded onto the GPU (the LM head,
+embedding and norms stay in ``dtype``). :func:`check_quantization` refuses what cannot work before any weight
+is read: both at once, full fine-tuning of quantised weights, no CUDA device, bitsandbytes missing.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import re
@@ -36,7 +43,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from egspo.config import ConfigError, ModelConfig
 from egspo.models import hub
 from egspo.models.adapter import DiffusionLM, unwrap
-from egspo.models.tiny import PRESETS, random_model
+from egspo.models.tiny import PRESETS, preset_config, random_model
 from egspo.models.tokenizer import build_char_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,11 @@ _NATIVE_TOKENIZER_TYPES = {"Dream": "qwen2"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _HUB_NAME = re.compile(rf"{_HUB_PART}(?:/{_HUB_PART})?")
+
+
+#: The bitsandbytes release egspo[qlora] asks for (4-bit training through torch custom ops).
+MIN_BITSANDBYTES = "0.45"
+QLORA_INSTALL = "pip install 'egspo[qlora]'"
 
 
 class ModelLoadError(ConfigError):
@@ -74,6 +86,8 @@ def load_model(
     device, or None with CUDA available, as accelerate will move it there) and fp32 otherwise. ``device``
     None leaves the model on the CPU for the trainer to place.
     """
+    check_quantization(cfg, device)
+    quantization = quantization_config(cfg)
     torch_dtype = resolve_dtype(cfg.dtype if dtype is None else dtype, device)
     preset = _random_preset(cfg.name_or_path)
     if preset is not None:
@@ -86,19 +100,109 @@ def load_model(
         trust = _trust_remote_code(config, cfg, source)
         tokenizer = _load_tokenizer(source, config, trust)
         model_class = _model_class(config, trust, source)
-        model = _from_pretrained(model_class, source, dtype=torch_dtype, trust_remote_code=trust)
+        kwargs: dict[str, Any] = {}
+        if quantization is not None:  # quantised while loading onto the GPU; such a model is never moved
+            kwargs = {"quantization_config": quantization, "device_map": {"": _cuda_device(device)}}
+        model = _from_pretrained(model_class, source, dtype=torch_dtype, trust_remote_code=trust, **kwargs)
     _fix_tokenizer(tokenizer, config)
-    if device is not None:
+    if device is not None and quantization is None:
         model.to(device)
     dlm = as_diffusion_lm(model, tokenizer)
-    # ds_numel: under DeepSpeed ZeRO-3 the model is partitioned at load, and its parameters are empty here
     logger.info(
-        "Loaded %s (%s, %s, %.1fM parameters): mask %d, stop %s%s",
-        cfg.name_or_path, type(unwrap(model)).__name__, torch_dtype,
-        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6, dlm.mask_id, dlm.stop_ids,
-        ", shifted logits" if dlm.shift else "",
+        "Loaded %s (%s, %s, %.1fM parameters%s): mask %d, stop %s%s",
+        cfg.name_or_path, type(unwrap(model)).__name__, torch_dtype, parameter_count(model) / 1e6,
+        "" if quantization is None else f", {describe_quantization(cfg)}, weights {_weights_gb(model):.2f} GB",
+        dlm.mask_id, dlm.stop_ids, ", shifted logits" if dlm.shift else "",
     )
     return dlm, tokenizer
+
+
+def quantization_config(cfg: ModelConfig) -> Any:
+    """The transformers ``BitsAndBytesConfig`` of ``cfg`` (None without load_in_4bit / load_in_8bit)."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[cfg.bnb_4bit_compute_dtype],
+    )
+
+
+def describe_quantization(cfg: ModelConfig) -> str:
+    """How ``cfg`` quantises the base, in words (for logs and messages); "" when it does not."""
+    if cfg.load_in_8bit:
+        return "8-bit LLM.int8 base"
+    if cfg.load_in_4bit:
+        double = ", double quantisation" if cfg.bnb_4bit_use_double_quant else ""
+        return f"4-bit {cfg.bnb_4bit_quant_type} base ({cfg.bnb_4bit_compute_dtype} compute{double})"
+    return ""
+
+
+def check_quantization(cfg: ModelConfig, device: str | torch.device | None = None) -> None:
+    """Refuse a quantised load that cannot work, before any weight is read (one sentence each)."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit are both true: choose one (4-bit NF4 for QLoRA, or 8-bit).")
+    field = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+    if not cfg.lora:
+        raise ConfigError(
+            f"{field}=true with use_peft=false: quantised weights cannot be trained (they have no gradients), so "
+            "full fine-tuning is impossible; set use_peft=true to train a LoRA adapter on the quantised base, or "
+            f"{field}=false for full fine-tuning.")
+    if _random_preset(cfg.name_or_path) is not None:
+        raise ConfigError(
+            f"{field}=true quantises weights while from_pretrained loads them, but {cfg.name_or_path} is built in "
+            f"memory: write it to disk first (egspo new-model --preset {cfg.name_or_path[len(BUILTIN_PREFIX):]} "
+            "--out DIR) and load that directory.")
+    where = torch.device(device) if device is not None else None
+    if not torch.cuda.is_available() or (where is not None and where.type != "cuda"):
+        on = "no CUDA device is available" if not torch.cuda.is_available() else f"the model is placed on {where}"
+        raise ConfigError(
+            f"{field}=true needs a CUDA GPU (egspo runs bitsandbytes' quantised layers on CUDA only) and {on}: "
+            f"set {field}=false to train in {cfg.dtype if cfg.dtype != 'auto' else 'float32'} on this machine.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{field}=true needs bitsandbytes, which is not installed: {QLORA_INSTALL}.")
+    from packaging.version import Version
+
+    installed = importlib.metadata.version("bitsandbytes")
+    if Version(installed) < Version(MIN_BITSANDBYTES):
+        raise ConfigError(f"{field}=true needs bitsandbytes >= {MIN_BITSANDBYTES}, found {installed}: {QLORA_INSTALL}.")
+
+
+def quantized_bits(model: nn.Module) -> int | None:
+    """4 or 8 for a model loaded quantised by bitsandbytes, else None."""
+    core = unwrap(model)
+    if getattr(core, "is_loaded_in_4bit", False):
+        return 4
+    if getattr(core, "is_loaded_in_8bit", False):
+        return 8
+    return None
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as the unquantised model has them: a packed 4-bit weight counts its original shape, a
+    DeepSpeed ZeRO-3 partitioned one its ``ds_numel`` (its ``data`` is empty after a partitioned load)."""
+    total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        total += state.shape.numel() if state is not None else getattr(param, "ds_numel", param.numel())
+    return total
+
+
+def read_model_config(name_or_path: str) -> dict[str, Any]:
+    """The ``config.json`` of a model as a dict, without reading its weights (a built-in random preset's
+    config as :func:`load_model` would build it)."""
+    preset = _random_preset(name_or_path)
+    if preset is not None:
+        tokenizer = build_char_tokenizer()
+        return preset_config(preset, len(tokenizer), tokenizer.mask_token_id, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id).to_dict()
+    return _read_config(resolve_source(name_or_path))
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -288,6 +392,16 @@ def _model_class(config: dict[str, Any], trust: bool, source: str) -> type:
             "egspo trains masked diffusion LMs (LLaDA, Dream, or any AutoModelForMaskedLM)."
         )
     return AutoModelForMaskedLM
+
+
+def _cuda_device(device: str | torch.device | None) -> torch.device:
+    """The CUDA device a quantised model loads onto: ``device``, or the current one."""
+    where = torch.device(device) if device is not None else torch.device("cuda")
+    return where if where.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def _weights_gb(model: nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
 
 def _from_pretrained(auto_class: type, source: str, **kwargs: Any) -> nn.Module:

@@ -5,6 +5,9 @@
   of an 8B model is held.
 - Full fine-tuning: every weight trains and, when the objective has a KL term, the reference policy is a
   frozen deep copy taken before training (:func:`make_reference`).
+- A base loaded quantised by bitsandbytes (``load_in_4bit`` / ``load_in_8bit``, QLoRA) trains a LoRA adapter
+  only (full fine-tuning is refused); its reference is the adapter-disabled quantised base, never a copy.
+  :func:`prepare_quantized_base` readies it; gradient checkpointing stays :func:`enable_gradient_checkpointing`.
 
     dlm = prepare_for_training(dlm, cfg.model_config(), need_reference=cfg.beta > 0)
 """
@@ -15,11 +18,13 @@ import copy
 import dataclasses
 import logging
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from egspo.config import ConfigError, ModelConfig
 from egspo.models.adapter import DiffusionLM, unwrap
+from egspo.models.loading import quantized_bits
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +124,29 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def prepare_quantized_base(model: nn.Module) -> None:
+    """Ready a bitsandbytes-quantised base for LoRA training: every base weight frozen and, where float16 is
+    involved (the load dtype or the 4-bit compute dtype), peft's ``prepare_model_for_kbit_training``, which
+    keeps norms, embedding and LM head in float32 so that float16 does not overflow there.
+
+    With bf16 (the default) that upcast is skipped: bf16 has float32's range, and the float32 copies would
+    cost 4 bytes per embedding and head parameter (about 2 GB on LLaDA-8B). peft's own gradient
+    checkpointing is never switched on here: ``gradient_checkpointing`` goes through
+    :func:`enable_gradient_checkpointing` (non-reentrant, so no input-gradient hook is needed).
+    """
+    core = unwrap(model)
+    quantizer = getattr(core, "hf_quantizer", None)  # transformers' record of the BitsAndBytesConfig
+    compute = getattr(getattr(quantizer, "quantization_config", None), "bnb_4bit_compute_dtype", None)
+    load_dtype = core.get_input_embeddings().weight.dtype
+    if torch.float16 in (compute, load_dtype):
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(core, use_gradient_checkpointing=False)
+        logger.info("Quantised base in float16: norms, embedding and LM head kept in float32 for training.")
+    else:
+        core.requires_grad_(False)
+
+
 def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: bool,
                          peft_config: LoraConfig | None = None) -> DiffusionLM:
     """``dlm`` with its model made trainable as ``cfg`` says (LoRA or full) and the reference policy wired.
@@ -129,6 +157,11 @@ def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: 
     model = dlm.model
     reference = None
     already_peft = isinstance(model, PeftModel)
+    quantized = quantized_bits(model) is not None
+    if quantized and not (cfg.lora or already_peft):
+        raise ConfigError(
+            "The model is quantised (bitsandbytes 4-/8-bit) and use_peft=false: quantised weights cannot be "
+            "trained (they have no gradients); set use_peft=true to train a LoRA adapter on top.")
     if already_peft:  # the user's own adapter: train it, the reference is the adapter-disabled model
         cfg = dataclasses.replace(cfg, lora=True)
         for name, param in model.named_parameters():
@@ -137,6 +170,8 @@ def prepare_for_training(dlm: DiffusionLM, cfg: ModelConfig, *, need_reference: 
         unwrap(model).requires_grad_(True)
         # Copied before gradient checkpointing is switched on: the reference never runs a backward pass.
         reference = make_reference(model) if need_reference else None
+    if quantized and not already_peft:
+        prepare_quantized_base(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora and not already_peft:

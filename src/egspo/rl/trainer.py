@@ -36,16 +36,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from egspo.checkpoint import (check_fresh_or_resume, latest_checkpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint, verify_checkpoint)
-from egspo.config import ConfigError, EGSPOConfig, save_config
+from egspo.config import ConfigError, EGSPOConfig, ModelConfig, save_config
 from egspo.evaluate import evaluate_rows, get_task_or_fail
+from egspo.memory import MemoryPlan, plan_memory
 from egspo.models.adapter import unwrap
-from egspo.models.loading import as_diffusion_lm, load_model, load_tokenizer
+from egspo.models.loading import (as_diffusion_lm, check_quantization, describe_quantization, load_model,
+                                   load_tokenizer, quantized_bits, read_model_config)
 from egspo.models.lora import prepare_for_training
 from egspo.rl.advantages import zero_variance_groups
 from egspo.rl.batching import PromptStream, encode_prompts
@@ -257,15 +259,27 @@ class EGSPOTrainer:
         cfg, acc = self.args, self.accelerator
         if model is None:
             model = cfg.model_name_or_path
-        if isinstance(model, (str, Path)):
-            self.model_id = str(model)
-            dlm, tokenizer = load_model(cfg.model_config(self.model_id), device=acc.device)
-        elif isinstance(model, nn.Module):
-            self.model_id = str(getattr(unwrap(model), "name_or_path", "") or cfg.model_name_or_path)
-            tokenizer = processing_class or load_tokenizer(cfg.model_config(self.model_id))
-            dlm = as_diffusion_lm(model.to(acc.device), tokenizer)
-        else:
+        if not isinstance(model, (str, Path, nn.Module)):
             raise TypeError(f"model must be a name, a path or a loaded model, got {type(model).__name__}.")
+        loaded = isinstance(model, nn.Module)
+        self.model_id = (str(getattr(unwrap(model), "name_or_path", "") or cfg.model_name_or_path) if loaded
+                         else str(model))
+        model_cfg = cfg.model_config(self.model_id)
+        if peft_config is not None:
+            model_cfg = dataclasses.replace(model_cfg, lora=True)
+        # everything that can be refused is refused here, before any weight is read
+        bits = quantized_bits(model) if loaded else None
+        self._check_quantized_run(model_cfg, bits)
+        self.memory_plan = self._plan_memory(
+            unwrap(model).config.to_dict() if loaded else read_model_config(self.model_id), peft_config, bits)
+        if self.memory_plan is not None:
+            model_cfg = dataclasses.replace(model_cfg, gradient_checkpointing=self.memory_plan.gradient_checkpointing)
+        if loaded:
+            tokenizer = processing_class or load_tokenizer(model_cfg)
+            # a quantised model was placed when it was loaded (bitsandbytes models are not moved)
+            dlm = as_diffusion_lm(model if bits else model.to(acc.device), tokenizer)
+        else:
+            dlm, tokenizer = load_model(model_cfg, device=acc.device)
         if processing_class is not None:
             tokenizer = processing_class
             tokenizer.padding_side = "left"
@@ -274,9 +288,6 @@ class EGSPOTrainer:
             raise ConfigError(
                 f"rollout_cache={cfg.rollout_cache!r} needs the native LLaDA or Dream models; {self.model_id} loads "
                 "as a generic masked LM: use rollout_cache=none.")
-        model_cfg = cfg.model_config(self.model_id)
-        if peft_config is not None:
-            model_cfg = dataclasses.replace(model_cfg, lora=True)
         if (model_cfg.lora and (peft_config.lora_dropout if peft_config is not None else cfg.lora_dropout) > 0):
             logger.warning("LoRA dropout > 0: rollouts run in eval mode (no dropout) and updates in train mode, so "
                            "the policy ratio is not 1 at the first update; RL runs usually set lora_dropout=0.")
@@ -286,6 +297,41 @@ class EGSPOTrainer:
             for adapter in peft_configs.values():
                 adapter.base_model_name_or_path = self.model_id
         self.dlm = dlm
+
+    def _check_quantized_run(self, model_cfg: ModelConfig, bits: int | None) -> None:
+        """Refuse a quantised (bitsandbytes) run that cannot work, each with a sentence; ``bits`` is the
+        quantisation of an already-loaded model (None: loading it is still to come, by ``model_cfg``)."""
+        cfg, acc = self.args, self.accelerator
+        if bits is None:
+            check_quantization(model_cfg, acc.device)
+            if not (model_cfg.load_in_4bit or model_cfg.load_in_8bit):
+                return
+            field = "load_in_4bit" if model_cfg.load_in_4bit else "load_in_8bit"
+        else:
+            field = f"a {bits}-bit (bitsandbytes) model"
+        if cfg.compile_rollout:
+            raise ConfigError(
+                f"compile_rollout=true with {field}: torch.compile of bitsandbytes' quantised layers is not verified "
+                "in egspo, so it is refused; set compile_rollout=false (the quantised rollout runs eager).")
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError(
+                f"{field} with {acc.distributed_type.value}: egspo trains a quantised base with one whole copy per "
+                "process (one GPU, or DDP); sharding quantised weights is not supported. Launch without "
+                "FSDP/DeepSpeed.")
+
+    def _plan_memory(self, model_config: dict[str, Any], peft_config: Any, bits: int | None) -> MemoryPlan | None:
+        """The memory plan for ``max_memory_gb`` (None when it is not set); refused budgets raise here."""
+        cfg, acc = self.args, self.accelerator
+        if cfg.max_memory_gb is None:
+            return None
+        plan = plan_memory(model_config, cfg, device_type=acc.device.type,
+                           mixed_precision=acc.mixed_precision == "bf16", peft_config=peft_config,
+                           quantized_bits=bits)
+        plan.log(logger)
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            logger.warning("The memory plan assumes whole weights on every process; with %s sharding it is an upper "
+                           "bound.", acc.distributed_type.value)
+        return plan
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -828,9 +874,18 @@ class EGSPOTrainer:
             out.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(out)
             self.processing_class.save_pretrained(out)
-            write_model_card(out, self.args, base_model=self.model_id, adapter=hasattr(model, "peft_config"),
-                             run_dir=self.run_dir)
-            logger.info("Saved the model to %s", out)
+            adapter = hasattr(model, "peft_config")
+            write_model_card(out, self.args, base_model=self.model_id, adapter=adapter, run_dir=self.run_dir)
+            if adapter:
+                bits = quantized_bits(model)
+                quantized = describe_quantization(self.args.model_config(self.model_id)) or (
+                    f"{bits}-bit bitsandbytes base" if bits else "")
+                logger.info("Saved the LoRA adapter only to %s: it applies to the base model %s (adapter_config.json "
+                            "base_model_name_or_path)%s.", out, self.model_id,
+                            f", trained on its {quantized}; load the base in bf16 or quantised again" if quantized
+                            else "")
+            else:
+                logger.info("Saved the model to %s", out)
         acc.wait_for_everyone()
         return out
 
