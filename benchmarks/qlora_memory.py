@@ -142,7 +142,7 @@ def _model(case: str, result: dict[str, Any], device: torch.device, tokenizer: A
     def cap() -> None:
         if cuda:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(budget * GB / total, device)
+            torch.cuda.set_per_process_memory_fraction(budget * GB / total, torch.cuda.current_device())
 
     if case == "bf16":
         cap()
