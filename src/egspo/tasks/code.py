@@ -34,7 +34,7 @@ from typing import Any
 
 from egspo.sandbox import run_python
 from egspo.tasks.answers import clean_completion
-from egspo.tasks.base import SYSTEM_PROMPT, RewardFunction, Task, chat, format_completion, percent_full
+from egspo.tasks.base import SYSTEM_PROMPT, RewardFunction, Task, chat, format_completion, percent_full, reject_options
 from egspo.tasks.data import DataError, FieldError, check_split, get_field, load_rows, text_field
 
 logger = logging.getLogger(__name__)
@@ -216,8 +216,9 @@ class CodeTask(Task):
 
     # -- data -----------------------------------------------------------------------------------
 
-    def load(self, source: str | None, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    def load(self, source: str | None, split: str, n: int, seed: int, **options: Any) -> list[dict[str, Any]]:
         """Rows of a local file or hub dataset (the whole source: ``n`` and ``seed`` are for generators)."""
+        reject_options(self, options)
         check_split(split)
         if source is None:
             if split not in self.default_sources:
