@@ -9,8 +9,8 @@
     dlm, tokenizer = load_variant("builtin:sudoku-tiny", "runs/egspo/checkpoint-200")
     completions, metrics = evaluate_rows(dlm, tokenizer, get_task("sudoku"), rows, EvalConfig().sampler_for(256))
 
-Generation uses the evaluation settings of docs/algorithm.md#reference-settings (:meth:`EvalConfig.sampler_for`: temperature 0,
-steps = L_c * steps_ratio, block 32), prompts sorted by length so that a batch pads little. Output:
+Generation uses the evaluation settings of docs/algorithm.md#reference-settings (:meth:`EvalConfig.sampler_for`:
+temperature 0, steps = L_c * steps_ratio, block 32), prompts sorted by length so that a batch pads little. Output:
 
     OUTPUT/summary.json                               per task: variants x lengths -> metrics
     OUTPUT/{task}_accuracy.png                        accuracy per checkpoint step, one line per length
@@ -42,8 +42,8 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from peft import PeftModel
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from egspo.checkpoint import list_checkpoints
@@ -225,7 +225,7 @@ class VariantLoader:
         assert variant.weights is not None
         name = _adapter_name(variant.name)
         try:
-            if self._peft is None:
+            if self._peft is None or self._adapter is None:  # set and cleared together
                 self._peft = PeftModel.from_pretrained(dlm.model, str(variant.weights), adapter_name=name)
             else:
                 self._peft.load_adapter(str(variant.weights), adapter_name=name)

@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 BOXED_SYSTEM_PROMPT = SYSTEM_PROMPT + "\nPut the final answer in \\boxed{} inside <answer>."
 
-# The published format regexes lacked re.DOTALL, so any multi-line reasoning failed them (docs/algorithm.md#deliberate-differences-from-the-published-code).
+# The published format regexes lacked re.DOTALL, so any multi-line reasoning failed them
+# (docs/algorithm.md#deliberate-differences-from-the-published-code).
 _STRICT_FORMAT = re.compile(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>", re.DOTALL)
 _SOFT_FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 _XML_TAGS = ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
