@@ -60,12 +60,18 @@ class CheckpointError(ConfigError):
     """A checkpoint directory is incomplete or damaged; the message names the checkpoint and the file."""
 
 
+def checkpoint_step(name: str) -> int | None:
+    """N of a ``checkpoint-N`` directory name; None for any other name."""
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [(step, p) for p in run_dir.iterdir() if p.is_dir() and (step := checkpoint_step(p.name)) is not None]
     return [p for _, p in sorted(found)]
 
 

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from egspo.checkpoint import list_checkpoints
+from egspo.checkpoint import checkpoint_step, list_checkpoints
 from egspo.config import ConfigError, EvalConfig, ModelConfig, SamplerConfig
 from egspo.generation import encode_texts, sample_batches
 from egspo.models.adapter import DiffusionLM, unwrap
@@ -58,7 +58,6 @@ from egspo.tasks.base import PROTOCOLS, check_protocol, side_by_side_metrics
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 #: Keys every generations line has besides the row's own fields.
 LINE_KEYS = ("index", "prompt", "completion")
 
@@ -96,8 +95,7 @@ def _weights_variant(path: Path) -> Variant:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such adapter or checkpoint directory.")
     name_dir = path.parent if path.name in ("adapter", "model") else path
-    match = _CHECKPOINT.match(name_dir.name)
-    step = int(match.group(1)) if match else None
+    step = checkpoint_step(name_dir.name)
     for sub in ("adapter", "model"):  # what a trainer checkpoint holds
         if (path / sub).is_dir():
             path = path / sub

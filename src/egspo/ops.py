@@ -60,14 +60,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return _TokenLogprobs.apply(logits, tokens)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of softmax(logits) over the last dimension."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both :func:`token_logprobs` and :func:`entropy` from one float32 log-softmax."""
+    """Both :func:`token_logprobs` and the entropy in nats of softmax(logits) over the last dimension, from one
+    float32 log-softmax."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     ent = -(logp.exp() * logp).sum(-1)
