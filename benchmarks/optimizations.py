@@ -92,7 +92,8 @@ def case_logprobs(dlm, args, device) -> dict:
     before = measure(naive, device, args.repeat)
     after = measure(run(lambda x: token_logprobs(x, tokens)), device, args.repeat)
     same = torch.allclose(before[2], after[2], atol=1e-3)
-    return report("logprobs", before, after, same, "log_softmax(float) + gather", "chunked, softmax recomputed in backward")
+    return report("logprobs", before, after, same, "log_softmax(float) + gather",
+                  "chunked, softmax recomputed in backward")
 
 
 def case_greedy(dlm, args, device) -> dict:

@@ -1,4 +1,5 @@
-"""Phases of one EGSPO-SA training step on a random-weight LLaDA-shaped model (docs/algorithm.md#diffusion-mdp, #step-selection, #stepwise-advantages, #egspo-loss).
+"""Phases of one EGSPO-SA training step on a random-weight LLaDA-shaped model
+(docs/algorithm.md#diffusion-mdp, #step-selection, #stepwise-advantages, #egspo-loss).
 
     PYTHONPATH=src python benchmarks/train_step.py --shape llada-8b --batch 6 --k 8 --lora-r 128
     PYTHONPATH=src python benchmarks/train_step.py --shape llada-8b --batch 48 --k 8 --lora-r 128 --grad-ckpt

@@ -47,8 +47,8 @@ def main() -> None:
     rewards = [f.fn for f in task.reward_functions()]
     weights = [f.weight for f in task.reward_functions()]
     config.reward_weights = weights
-    trainer = EGSPOTrainer(model=args.model, reward_funcs=rewards, train_dataset=task.load(args.train_file, "train", 0, 42),
-                           args=config)
+    trainer = EGSPOTrainer(model=args.model, reward_funcs=rewards,
+                           train_dataset=task.load(args.train_file, "train", 0, 42), args=config)
     trainer.train()
     trainer.save_model()
 

@@ -1,7 +1,8 @@
 """Run the issue-#9 grid: every algorithm variant x seed from one base, several runs at once on one GPU.
 
     PYTHONPATH=src python scripts/replicate.py --task sudoku --reference-test 4x4_test_sudoku.csv \
-        --seeds 0 1 2 [--variants diffu_grpo diffu_grpo_lr1e-4 diffu_grpo_lr1e-3 egspo egspo_sa random uniform] [--parallel 15] \
+        --seeds 0 1 2 [--variants diffu_grpo diffu_grpo_lr1e-4 diffu_grpo_lr1e-3 egspo egspo_sa random uniform] \
+        [--parallel 15] \
         [--out runs/replication] [--deadline 540] [overrides ...]
 
 Each run is ``scripts/rl_curve.py --config configs/replication/rl_TASK.yaml`` with the variant's

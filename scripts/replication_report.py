@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 logger = logging.getLogger("replication_report")
 ORDER = ["diffu_grpo", "diffu_grpo_low_lr", "egspo", "egspo_sa", "random", "uniform"]
-LABELS = {"diffu_grpo": "diffu-GRPO (d1)", "diffu_grpo_low_lr": "diffu-GRPO (d1), lr 1e-4", "egspo": "EGSPO (λ = 0)", "egspo_sa": "EGSPO-SA (λ = 0.5)",
-          "random": "EGSPO-SA, random steps", "uniform": "EGSPO-SA, uniform steps"}
+LABELS = {"diffu_grpo": "diffu-GRPO (d1)", "diffu_grpo_low_lr": "diffu-GRPO (d1), lr 1e-4", "egspo": "EGSPO (λ = 0)",
+          "egspo_sa": "EGSPO-SA (λ = 0.5)", "random": "EGSPO-SA, random steps", "uniform": "EGSPO-SA, uniform steps"}
 
 
 COLORS = {variant: f"C{i}" for i, variant in enumerate(ORDER)}  # one colour per variant in every figure
@@ -97,7 +97,8 @@ def table(task: str, runs: list[dict[str, Any]]) -> str:
         steps = sorted({r["steps"] for r in group})
         lines.append(
             f"| {LABELS[variant]} | {len(group)} | {'/'.join(map(str, steps))} ({group[0]['rollouts']}) | "
-            f"{spread([r['final_reference'] for r in group])} | {spread([r['gain_reference'] for r in group], sign=True)} | "
+            f"{spread([r['final_reference'] for r in group])} | "
+            f"{spread([r['gain_reference'] for r in group], sign=True)} | "
             f"{spread([r['final_held_out'] for r in group])} | "
             f"{spread([r['best_reference'] for r in group])} | "
             f"{statistics.fmean(r['train_seconds'] for r in group):.0f} | "
@@ -120,7 +121,8 @@ def plot_curves(task: str, runs: list[dict[str, Any]], path: Path) -> None:
         xs = {"rollouts": [e["rollouts"] for e in group[0]["curve"][:n]],
               "train_seconds": [statistics.fmean(r["curve"][i]["train_seconds"] for r in group) for i in range(n)]}
         for ax, key in zip(axes, ("rollouts", "train_seconds")):
-            ax.plot(xs[key], mean, marker="o", ms=3, color=COLORS[variant], label=f"{LABELS[variant]} ({len(group)} seeds)")
+            ax.plot(xs[key], mean, marker="o", ms=3, color=COLORS[variant],
+                    label=f"{LABELS[variant]} ({len(group)} seeds)")
             ax.fill_between(xs[key], low, high, color=COLORS[variant], alpha=0.15)
     axes[0].set_xlabel("rollouts")
     axes[1].set_xlabel("training seconds (rollout + scoring + updates; runs shared one GPU)")
@@ -135,7 +137,8 @@ def plot_curves(task: str, runs: list[dict[str, Any]], path: Path) -> None:
 
 def plot_steps(task: str, runs: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    variants = [v for v in ORDER if not v.startswith("diffu_grpo") and any(r["variant"] == v and r["steps_histogram"] for r in runs)]
+    variants = [v for v in ORDER
+                if not v.startswith("diffu_grpo") and any(r["variant"] == v and r["steps_histogram"] for r in runs)]
     width = 0.8 / max(len(variants), 1)
     for i, variant in enumerate(variants):
         total: list[float] = []

@@ -49,10 +49,12 @@ def main() -> None:
     curves = {}
     for name in ("curve_1gpu", "curve_2gpu", "killed_2gpu"):
         rows = metrics(out / name)
-        curves[name] = {"eval": {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r},
-                        "eval_puzzles": {r["step"]: r.get("eval_puzzle_accuracy") for r in rows if "eval_accuracy" in r},
-                        "reward_last10": round(statistics.mean(r["reward/mean"] for r in rows[-10:]), 4) if rows else None,
-                        "steps": len(rows)}
+        curves[name] = {
+            "eval": {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r},
+            "eval_puzzles": {r["step"]: r.get("eval_puzzle_accuracy") for r in rows if "eval_accuracy" in r},
+            "reward_last10": round(statistics.mean(r["reward/mean"] for r in rows[-10:]), 4) if rows else None,
+            "steps": len(rows),
+        }
     a, b = metrics(out / "curve_2gpu"), metrics(out / "killed_2gpu")
     same = [x["reward/mean"] == y["reward/mean"] for x, y in zip(a, b, strict=False)]
     kill = {"steps_compared": len(same), "identical_reward_steps": sum(same),
@@ -63,10 +65,11 @@ def main() -> None:
             "runs": {k: v for k, v in runs.items() if k.startswith("killed")}}
     report = {"timing": timing, "curves": curves, "kill_resume": kill}
     (out / "scaling.json").write_text(json.dumps(report, indent=1))
-    lines = ["| run | GPUs | s/step | rollouts/s | speed-up | efficiency | peak GB (rank 0) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | GPUs | s/step | rollouts/s | speed-up | efficiency | peak GB (rank 0) |",
+             "|---|---|---|---|---|---|---|"]
     for name, e in timing.items():
-        lines.append(f"| {name} | {e['gpus']} | {e['step_s']} | {e['rollouts_per_s']} | {e.get('speedup_vs_1gpu', '-')} "
-                     f"| {e.get('scaling_efficiency', '-')} | {e['peak_gb_rank0']} |")
+        lines.append(f"| {name} | {e['gpus']} | {e['step_s']} | {e['rollouts_per_s']} "
+                     f"| {e.get('speedup_vs_1gpu', '-')} | {e.get('scaling_efficiency', '-')} | {e['peak_gb_rank0']} |")
     sys.stdout.write("\n".join(lines) + "\n\n" + json.dumps({"curves": curves, "kill_resume": kill}, indent=1) + "\n")
 
 

@@ -3,8 +3,7 @@ import warnings
 import pytest
 import yaml
 
-from egspo.config import (Config, ConfigError, EGSPOConfig, EvalConfig, SamplerConfig, load_config,
-                          save_config)
+from egspo.config import Config, ConfigError, EGSPOConfig, EvalConfig, SamplerConfig, load_config, save_config
 
 
 def test_defaults_match_paper_settings():
@@ -17,11 +16,11 @@ def test_defaults_match_paper_settings():
 
 def test_trl_names():
     # the fields a TRL GRPOConfig user reaches for first exist under TRL's names
-    cfg = EGSPOConfig(algorithm="diffu_grpo", output_dir="x", max_steps=3, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=32, block_length=8, diffusion_steps=8, learning_rate=1e-4,
-                      save_steps=1, seed=3, beta=0.0, epsilon=0.3, epsilon_high=0.4, num_iterations=2,
-                      temperature=1.0, logging_steps=2, save_total_limit=1, report_to=[], max_prompt_length=64,
-                      gradient_accumulation_steps=1, p_mask_prompt=0.1, remasking="random")
+    cfg = EGSPOConfig(algorithm="diffu_grpo", output_dir="x", max_steps=3, per_device_train_batch_size=4,
+                      num_generations=4, max_completion_length=32, block_length=8, diffusion_steps=8,
+                      learning_rate=1e-4, save_steps=1, seed=3, beta=0.0, epsilon=0.3, epsilon_high=0.4,
+                      num_iterations=2, temperature=1.0, logging_steps=2, save_total_limit=1, report_to=[],
+                      max_prompt_length=64, gradient_accumulation_steps=1, p_mask_prompt=0.1, remasking="random")
     assert cfg.rollout_sampler() == SamplerConfig(gen_length=32, block_length=8, steps=8, temperature=1.0,
                                                   remasking="random")
 

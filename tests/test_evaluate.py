@@ -184,7 +184,8 @@ def test_plan_batches_and_row_order(model_dir: Path) -> None:
     [
         (["--task", "nope"], "Unknown task 'nope'"),
         (["--task", "sudoku", "--checkpoints", "/nonexistent/run"], "no such run directory"),
-        (["--task", "sudoku", "--gen-lengths", "40", "--block-length", "16"], "not a positive multiple of block_length=16"),
+        (["--task", "sudoku", "--gen-lengths", "40", "--block-length", "16"],
+         "not a positive multiple of block_length=16"),
     ],
 )
 def test_bad_inputs_fail_clearly(model_dir: Path, tmp_path: Path, caplog, args: list[str], message: str) -> None:

@@ -27,9 +27,9 @@ from egspo.lm_eval_model import (  # noqa: E402
     draw_masks,
     masked_loglikelihood,
 )
-from egspo.models.tokenizer import build_char_tokenizer  # noqa: E402
 from egspo.models.adapter import DiffusionLM  # noqa: E402
 from egspo.models.loading import load_model  # noqa: E402
+from egspo.models.tokenizer import build_char_tokenizer  # noqa: E402
 from egspo.rl.batching import encode_prompts  # noqa: E402
 from egspo.sampling import sample  # noqa: E402
 

@@ -13,11 +13,11 @@ from egspo.models import DreamConfig, DreamModel
 from egspo.models.adapter import DiffusionLM
 from egspo.models.llada import apply_rotary, rotary_cos_sin
 from tests.test_models_llada import (
-    assert_cuda_bf16_matches_cpu,
-    assert_config_without_weights_fails,
-    assert_padding_is_masked,
     assert_checkpointing_keeps_gradients,
+    assert_config_without_weights_fails,
+    assert_cuda_bf16_matches_cpu,
     assert_loads_like,
+    assert_padding_is_masked,
     poison_remote_code,
     write_sharded_checkpoint,
 )

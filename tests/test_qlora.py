@@ -102,7 +102,8 @@ def test_refuses_without_bitsandbytes_and_names_the_extra(monkeypatch):
     _no_weights_read(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs bitsandbytes, which is not installed: pip install 'egspo\[qlora\]'"):
         load_model(_quantised(), device="cuda")
 

@@ -1,4 +1,5 @@
-"""Every shipped YAML recipe loads, validates at its launch size, and keeps the paper's settings (docs/algorithm.md#reference-settings)."""
+"""Every shipped YAML recipe loads, validates at its launch size, and keeps the paper's settings
+(docs/algorithm.md#reference-settings)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_paper_recipe_matches_spec_on_8_gpus(path):
     assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.max_grad_norm) == (0.9, 0.99, 0.1, 0.2)
     assert (t.gradient_accumulation_steps, t.bf16, t.save_steps, t.lr_scheduler_type) == (2, True, 200, "constant")
     assert cfg.beta == 0.04 and cfg.kl_estimator == "k3"
-    assert cfg.eval_completion_lengths == [128, 256, 512] and cfg.eval_temperature == 0.0 and cfg.eval_diffusion_steps_ratio == 0.5
+    assert cfg.eval_completion_lengths == [128, 256, 512]
+    assert cfg.eval_temperature == 0.0 and cfg.eval_diffusion_steps_ratio == 0.5
     if cfg.task not in ("kodcode", "mbpp"):  # code prompts are longer (see the recipes)
         assert cfg.max_prompt_length == 200
     if cfg.algorithm == "diffu_grpo":

@@ -5,7 +5,7 @@ from egspo.rl.selection import select_steps
 
 
 def _as_lists(sel):
-    return sel.steps.tolist(), sel.weights.tolist(), sel.rank.tolist()
+    return sel.steps.tolist(), sel.weights.tolist()
 
 
 def test_high_entropy_picks_top_k_per_row_in_time_order():
@@ -14,25 +14,23 @@ def test_high_entropy_picks_top_k_per_row_in_time_order():
     sel = select_steps(entropy, 3, "high_entropy")
     # row 0: 0.9@1, 0.7@3, 0.5@2 ; row 1: 1.0@4, 0.8@0, 0.6@2
     assert sel.steps.tolist() == [[1, 2, 3], [0, 2, 4]]
-    assert sel.rank.tolist() == [[0, 2, 1], [1, 2, 0]]
     assert sel.weights.tolist() == [[1.0] * 3, [1.0] * 3]
-    assert sel.steps.dtype == torch.long and sel.num_slots == 3
+    assert sel.steps.dtype == torch.long
 
 
 def test_high_entropy_ties_prefer_earlier_step():
     entropy = torch.tensor([[0.5, 0.5, 0.9, 0.5]])
     sel = select_steps(entropy, 2, "high_entropy")
     assert sel.steps.tolist() == [[0, 2]]
-    assert sel.rank.tolist() == [[1, 0]]
     sel3 = select_steps(entropy, 3, "high_entropy")
-    assert sel3.steps.tolist() == [[0, 1, 2]] and sel3.rank.tolist() == [[1, 2, 0]]
+    assert sel3.steps.tolist() == [[0, 1, 2]]
 
 
 def test_invalid_steps_are_never_selected():
     entropy = torch.tensor([[0.9, 0.1, 0.8, 0.7]])
     valid = torch.tensor([[False, True, True, True]])
     sel = select_steps(entropy, 2, "high_entropy", valid_steps=valid)
-    assert _as_lists(sel) == ([[2, 3]], [[1.0, 1.0]], [[0, 1]])
+    assert _as_lists(sel) == ([[2, 3]], [[1.0, 1.0]])
 
 
 def test_stop_at_last_content_pads_with_weight_zero():
@@ -41,9 +39,9 @@ def test_stop_at_last_content_pads_with_weight_zero():
                             [0.5, 0.4, 0.3, 0.2, 0.1]])
     last = torch.tensor([1, 4, -1])  # row 2 committed only end tokens: no candidate at all
     sel = select_steps(entropy, 3, "high_entropy", last_content_step=last, stop_at_last_content=True)
-    steps, weights, rank = _as_lists(sel)
-    assert steps[0] == [0, 1, 1] and weights[0] == [1.0, 1.0, 0.0] and rank[0] == [1, 0, 0]
-    assert steps[1] == [0, 1, 2] and weights[1] == [1.0, 1.0, 1.0] and rank[1] == [0, 1, 2]
+    steps, weights = _as_lists(sel)
+    assert steps[0] == [0, 1, 1] and weights[0] == [1.0, 1.0, 0.0]
+    assert steps[1] == [0, 1, 2] and weights[1] == [1.0, 1.0, 1.0]
     assert steps[2] == [0, 0, 0] and weights[2] == [0.0, 0.0, 0.0]
     # without the option the late high-entropy steps of row 0 are taken
     assert select_steps(entropy, 3, "high_entropy", last_content_step=last).steps[0].tolist() == [2, 3, 4]
@@ -94,7 +92,6 @@ def test_adaptive_smallest_k_reaching_alpha_mass():
     sel = select_steps(entropy, 4, "adaptive", alpha=0.7)
     assert sel.steps.tolist() == [[1, 3, 3], [0, 1, 2]]
     assert sel.weights.tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
-    assert sel.rank.tolist() == [[0, 1, 1], [0, 1, 2]]
     # K_max caps K_i
     capped = select_steps(entropy, 2, "adaptive", alpha=0.7)
     assert capped.steps.tolist() == [[1, 3], [0, 1]] and capped.weights.sum().item() == 4
@@ -130,8 +127,9 @@ def test_published_random_and_uniform_use_one_step_set_ending_at_the_last_step()
     assert (sel.steps == sel.steps[0]).all(), "the same steps for every row"
     assert (sel.steps[:, -1] == 15).all() and (sel.weights == 1).all()
     # drawn with replacement: over many draws of 6 from 15, repeats happen (distinct draws never repeat)
-    repeats = sum(int(select_steps(entropy, 6, "random", generator=gen, as_published=True).steps[0].unique().numel() < 6)
-                  for _ in range(50))
+    repeats = sum(
+        int(select_steps(entropy, 6, "random", generator=gen, as_published=True).steps[0].unique().numel() < 6)
+        for _ in range(50))
     assert repeats > 0
     default = select_steps(entropy, 6, "random", generator=torch.Generator().manual_seed(3))
     assert all(row.unique().numel() == 6 for row in default.steps), "the default draws distinct steps per row"

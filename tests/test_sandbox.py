@@ -190,7 +190,8 @@ def test_cannot_read_secrets_of_the_trainer(mode, monkeypatch):
     "(os.getuid() != 0 or os.getpid() == 1) and os.kill(-1, signal.SIGKILL)",
 ])
 def test_cannot_kill_the_trainer(mode, attack):
-    code = "import os, signal\ntry:\n    " + attack.format(trainer=os.getpid()) + "\nexcept OSError as exc:\n    print(exc)"
+    code = ("import os, signal\ntry:\n    " + attack.format(trainer=os.getpid())
+            + "\nexcept OSError as exc:\n    print(exc)")
     result = run_python(code, timeout_s=5)
     assert result.elapsed < 5  # and we are still here to check it
     assert threading.main_thread().is_alive()

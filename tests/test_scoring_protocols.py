@@ -51,7 +51,8 @@ def decisions(task_name: str, completion: str, row: dict) -> tuple[float, float]
                      id="reference-truth-of-a-negative-answer-is-lost-by-the-unsigned-####-pattern"),
         pytest.param("<reasoning>\nr\n</reasoning>\n<answer>\n18", "18", 100.0, 0.0,
                      id="reference-needs-a-closed-answer-block-default-reads-a-cut-off-one"),
-        pytest.param("<reasoning>\nso \\boxed{18} dollars\n</reasoning>\n<answer>\n18 dollars, or 1800 cents\n</answer>",
+        pytest.param("<reasoning>\nso \\boxed{18} dollars\n</reasoning>\n"
+                     "<answer>\n18 dollars, or 1800 cents\n</answer>",
                      "18", 0.0, 100.0, id="reference-first-box-beats-the-last-number-of-the-answer-block"),
         pytest.param("<answer>\nShe pays 3 times, 18 in total\n</answer>", "18", 100.0, 100.0,
                      id="both-read-the-last-number-of-an-answer-block-without-box"),

@@ -196,7 +196,8 @@ def test_deepspeed_lora_trains_like_ddp_and_resumes_exactly(micro_model, prompts
     assert (ckpt / "deepspeed" / "state").is_dir() and (ckpt / "adapter" / "adapter_model.safetensors").exists()
     launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"output_dir={ddp}"])
     for key in ("reward/mean", "loss", "kl", "grad_norm"):
-        assert [m[key] for m in _metrics(run)] == pytest.approx([m[key] for m in _metrics(ddp)], rel=1e-4, abs=1e-6), key
+        expected = [m[key] for m in _metrics(ddp)]
+        assert [m[key] for m in _metrics(run)] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
     _assert_same(load_file(str(ckpt / "trainable.safetensors")),
                  load_file(str(ddp / "checkpoint-2" / "trainable.safetensors")), rtol=1e-4, atol=1e-4)  # steps: 1e-2
 

@@ -181,7 +181,8 @@ def test_hostile_completions_score_zero(tmp_path, monkeypatch):
     monkeypatch.setenv("EGSPO_TEST_SECRET", "hunter2")
     target = tmp_path / "pwned.txt"
     hostile = dict(HOSTILE, **{"write outside": f"open({str(target)!r}, 'w').write('x')\n"
-                                                "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b)))"})
+                                                "def similar_elements(a, b):\n"
+                                                "    return tuple(sorted(set(a) & set(b)))"})
     task = CodeTask(timeout_s=3.0, step_timeout_s=1.0, memory_mb=512, max_workers=2)
     row = get_task("mbpp").to_row(MBPP_RAW)
     completions = [answer(code.format(trainer=os.getpid())) for code in hostile.values()]

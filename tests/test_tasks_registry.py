@@ -14,6 +14,13 @@ def test_every_registered_task_loads_and_declares_its_rewards():
             assert [f.name for f in functions if f.correctness] == ["correctness"]
 
 
+@pytest.mark.parametrize("name", ["gsm8k", "math500", "countdown", "sudoku", "mbpp"])
+def test_a_task_option_the_task_does_not_take_is_a_type_error(name):
+    # loaders turn TypeError into a config error naming the task; the option must not be dropped silently
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'no_such_option'"):
+        get_task(name).load(None, "test", 2, 0, no_such_option=1)
+
+
 def test_unknown_task():
     with pytest.raises(ValueError, match="Unknown task 'chess'; built-in tasks: gsm8k"):
         get_task("chess")

@@ -152,4 +152,5 @@ def test_compact_option_drops_system_prompt_and_reasoning():
     assert task.messages(row) == [{"role": "user", "content": row["question"]}]
     completion = task.reference_completion(row)
     assert completion == f"<answer>\n{row['solution']}\n</answer>"
-    assert task.reward_functions()[0].fn(prompts=[""], completions=[completion], **{k: [v] for k, v in row.items()}) == [1.0]
+    columns = {k: [v] for k, v in row.items()}
+    assert task.reward_functions()[0].fn(prompts=[""], completions=[completion], **columns) == [1.0]

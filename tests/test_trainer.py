@@ -14,7 +14,6 @@ from egspo.rl.rewards import RewardError
 from egspo.rl.trainer import EGSPOTrainer
 
 
-
 def make_config(model: Path, data: Path, out: Path, *extra: str):
     return load_config(None, [
         f"model_name_or_path={model}", "use_peft=false",

@@ -33,7 +33,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -60,12 +60,18 @@ class CheckpointError(ConfigError):
     """A checkpoint directory is incomplete or damaged; the message names the checkpoint and the file."""
 
 
+def checkpoint_step(name: str) -> int | None:
+    """N of a ``checkpoint-N`` directory name; None for any other name."""
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [(step, p) for p in run_dir.iterdir() if p.is_dir() and (step := checkpoint_step(p.name)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -200,7 +206,8 @@ def _clean_name(name: str) -> str:
 
 def is_deepspeed(model: nn.Module) -> bool:
     """A DeepSpeed engine (what ``accelerator.prepare`` returns under DeepSpeed)."""
-    return callable(getattr(model, "zero_optimization_stage", None)) and callable(getattr(model, "save_checkpoint", None))
+    return (callable(getattr(model, "zero_optimization_stage", None))
+            and callable(getattr(model, "save_checkpoint", None)))
 
 
 def _base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -213,13 +220,14 @@ def gather_full_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
     Every process must call it under FSDP and ZeRO-3 (it is a collective).
     """
     if is_deepspeed(model):
-        if model.zero_optimization_stage() == 3:
-            if not model.zero_gather_16bit_weights_on_model_save():
+        engine: Any = model  # a DeepSpeed engine, whose methods nn.Module does not declare
+        if engine.zero_optimization_stage() == 3:
+            if not engine.zero_gather_16bit_weights_on_model_save():
                 raise ConfigError(
                     "DeepSpeed ZeRO-3 checkpoints need the full weights gathered: set zero3_save_16bit_model: true "
                     "(stage3_gather_16bit_weights_on_model_save) in the accelerate/DeepSpeed config."
                 )
-            state = model._zero3_consolidated_16bit_state_dict() or {}
+            state = engine._zero3_consolidated_16bit_state_dict() or {}
         else:
             state = strip_parallel(model).state_dict()
     elif weights_sharded(model):
@@ -267,9 +275,10 @@ def save_checkpoint(
     full = gather_full_weights(model)  # collective under FSDP / ZeRO-3
     optimizer_state = None
     if is_deepspeed(model):  # every process writes its optimizer partition
+        engine: Any = model  # a DeepSpeed engine
         # the frozen base weights are not state to resume (they are in the model's own files)
-        model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
-                              exclude_frozen_parameters=True)
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                               exclude_frozen_parameters=True)
     elif full is not None:  # FSDP: the full optimizer state, keyed by parameter name (collective)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -279,7 +288,7 @@ def save_checkpoint(
         optimizer_state = get_optimizer_state_dict(
             model, _base_optimizer(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if process_index == 0:
-        inner = strip_parallel(model)
+        inner: Any = strip_parallel(model)  # a transformers or peft model: save_pretrained
         weights_dir = tmp / ("adapter" if hasattr(inner, "peft_config") else "model")
         if full is None:
             inner.save_pretrained(weights_dir)
@@ -354,7 +363,9 @@ def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
     return any(isinstance(p, str) for p in groups[0].get("params", []))
 
 
-def _load_fsdp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor]) -> None:
+def _load_fsdp(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor]
+) -> None:
     """Give every FSDP process its shard of the checkpoint's full weights and optimizer state."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -367,7 +378,8 @@ def _load_fsdp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, w
         raise ConfigError(f"{path} was written by a DDP or single-process run; its optimizer state cannot be "
                           "resumed under FSDP. Resume it without FSDP.")
     options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, weights, options=options)
+    # torch declares a dict of its union of tensor kinds, and dict is invariant; plain tensors are one kind
+    set_model_state_dict(model, cast("dict[str, Any]", weights), options=options)
     set_optimizer_state_dict(model, _base_optimizer(optimizer), state, options=options)
 
 

@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--checkpoints", metavar="RUN_DIR",
                          help="Evaluate the base model, then every checkpoint-N of this run directory.")
     p.add_argument("--task", help="Task name (default: the config's task).")
-    p.add_argument("--data", help="Test data file, builtin:sudoku-test / builtin:countdown-test (the reference sets) or "
-                   "hub dataset (default: eval_file, else the task's generator).")
+    p.add_argument("--data", help="Test data file, builtin:sudoku-test / builtin:countdown-test (the reference sets) "
+                   "or hub dataset (default: eval_file, else the task's generator).")
     p.add_argument("--gen-lengths", type=_gen_lengths, help="Comma-separated completion lengths (default 128,256,512).")
     p.add_argument("--block-length", type=int, help="Sampler block length (default: 32).")
     p.add_argument("--steps-ratio", type=float, help="Denoising steps per completion token (default: 0.5).")
@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="Use --prompt/--input texts as they are (no chat template).")
     p.add_argument("--output", help="Write JSONL here instead of printing the completions.")
     p.add_argument("--show-steps", action="store_true",
-                   help="Print the completion after every denoising step (masked tokens shown as a shaded block or _, each "
-                   "step's new tokens in bold on a terminal, where frames replace each other).")
+                   help="Print the completion after every denoising step (masked tokens shown as a shaded block or _, "
+                   "each step's new tokens in bold on a terminal, where frames replace each other).")
     p.add_argument("--delay", type=float, default=0.1, help="Seconds between --show-steps frames on a terminal.")
     p.set_defaults(func=_cmd_generate)
     return parser

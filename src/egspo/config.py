@@ -33,7 +33,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -302,8 +302,8 @@ class EGSPOConfig:
         "sequence against it; the trainer recomputes the selected steps' old log-probs exactly. Needs the native "
         "LLaDA/Dream models.", legacy="sampler.cache")
     importance_weight_cap: float = _f(
-        2.0, "Cached rollouts: the truncated importance weight min(exp(logp_exact - logp_rollout), cap) that multiplies "
-        "each selected step's loss (docs/algorithm.md#approximate-rollouts); 0 switches the weight off.")
+        2.0, "Cached rollouts: the truncated importance weight min(exp(logp_exact - logp_rollout), cap) that "
+        "multiplies each selected step's loss (docs/algorithm.md#approximate-rollouts); 0 switches the weight off.")
     compile_rollout: bool = _f(
         False, "Run the rollout forwards through torch.compile(model, dynamic=False), compiled once per shape.",
         legacy="sampler.compile")
@@ -537,7 +537,7 @@ class EGSPOConfig:
         """Micro-batches (backward passes) one rollout batch feeds."""
         if self.algorithm == "diffu_grpo":
             return self.num_iterations * self.gradient_accumulation_steps
-        return self.num_selected_steps // self.steps_per_microbatch
+        return cast(int, self.num_selected_steps) // self.steps_per_microbatch  # resolved in __post_init__
 
     def validate(self, num_processes: int | None = None) -> None:
         """The rules that need the launch size (checked by the trainer at start-up: a recipe for 8 GPUs with 6
@@ -574,7 +574,7 @@ EGSPOConfig.__init__ = _init_naming_unknown_fields  # type: ignore[method-assign
 
 _FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(EGSPOConfig)}
 _DEFAULTS: dict[str, Any] = {
-    f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)  # type: ignore[misc]
+    f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
     for f in dataclasses.fields(EGSPOConfig)
 }
 #: ``section.field`` of egspo 0.1 -> the flat field.

@@ -9,8 +9,8 @@
     dlm, tokenizer = load_variant("builtin:sudoku-tiny", "runs/egspo/checkpoint-200")
     completions, metrics = evaluate_rows(dlm, tokenizer, get_task("sudoku"), rows, EvalConfig().sampler_for(256))
 
-Generation uses the evaluation settings of docs/algorithm.md#reference-settings (:meth:`EvalConfig.sampler_for`: temperature 0,
-steps = L_c * steps_ratio, block 32), prompts sorted by length so that a batch pads little. Output:
+Generation uses the evaluation settings of docs/algorithm.md#reference-settings (:meth:`EvalConfig.sampler_for`:
+temperature 0, steps = L_c * steps_ratio, block 32), prompts sorted by length so that a batch pads little. Output:
 
     OUTPUT/summary.json                               per task: variants x lengths -> metrics
     OUTPUT/{task}_accuracy.png                        accuracy per checkpoint step, one line per length
@@ -42,11 +42,11 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from peft import PeftModel
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from egspo.checkpoint import list_checkpoints
+from egspo.checkpoint import checkpoint_step, list_checkpoints
 from egspo.config import ConfigError, EvalConfig, ModelConfig, SamplerConfig
 from egspo.generation import encode_texts, sample_batches
 from egspo.models.adapter import DiffusionLM, unwrap
@@ -58,7 +58,6 @@ from egspo.tasks.base import PROTOCOLS, check_protocol, side_by_side_metrics
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 #: Keys every generations line has besides the row's own fields.
 LINE_KEYS = ("index", "prompt", "completion")
 
@@ -96,8 +95,7 @@ def _weights_variant(path: Path) -> Variant:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such adapter or checkpoint directory.")
     name_dir = path.parent if path.name in ("adapter", "model") else path
-    match = _CHECKPOINT.match(name_dir.name)
-    step = int(match.group(1)) if match else None
+    step = checkpoint_step(name_dir.name)
     for sub in ("adapter", "model"):  # what a trainer checkpoint holds
         if (path / sub).is_dir():
             path = path / sub
@@ -225,7 +223,7 @@ class VariantLoader:
         assert variant.weights is not None
         name = _adapter_name(variant.name)
         try:
-            if self._peft is None:
+            if self._peft is None or self._adapter is None:  # set and cleared together
                 self._peft = PeftModel.from_pretrained(dlm.model, str(variant.weights), adapter_name=name)
             else:
                 self._peft.load_adapter(str(variant.weights), adapter_name=name)

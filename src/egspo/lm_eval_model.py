@@ -30,7 +30,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -45,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 from tqdm import tqdm
 
-from egspo.config import ConfigError, ModelConfig, SamplerConfig
+from egspo.config import ConfigError, Dtype, ModelConfig, SamplerConfig
 from egspo.evaluate import load_variant, plan_batches
 from egspo.generation import autocast_for
 from egspo.models.adapter import DiffusionLM
@@ -69,7 +69,8 @@ def load_for_eval(
 
     The only place that builds egspo's model config from lm-eval's ``model_args``.
     """
-    cfg = ModelConfig(name_or_path=pretrained, dtype=dtype, trust_remote_code=trust_remote_code)
+    # lm-eval's model_args are plain strings; ModelConfig rejects a dtype outside Dtype's choices
+    cfg = ModelConfig(name_or_path=pretrained, dtype=cast(Dtype, dtype), trust_remote_code=trust_remote_code)
     return load_variant(cfg, adapter, device=device)
 
 
@@ -235,11 +236,11 @@ class EgspoLM(TemplateLM):
             raise ValueError(
                 f"The tokenizer of {self.pretrained} has no chat template: run without --apply_chat_template."
             )
-        text: str = self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt,
         )
-        return text
+        return cast(str, text)  # tokenize=False gives the text
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -358,7 +359,8 @@ def decode_completions(
     texts = []
     for row, end, limit, strings in zip(completions.tolist(), ends, max_tokens, until, strict=True):
         end = end if limit is None else min(end, limit)
-        texts.append(cut_at_stop_strings(tokenizer.decode(row[:end], skip_special_tokens=True), strings))
+        text = cast(str, tokenizer.decode(row[:end], skip_special_tokens=True))  # one row decodes to a str
+        texts.append(cut_at_stop_strings(text, strings))
     return texts
 
 

@@ -268,8 +268,9 @@ class MemoryEstimate:
 
     def summary(self) -> str:
         """The peak, each phase's peak and the breakdown, in GB."""
-        return (f"peak {self.peak / GB:.2f} GB (rollout {self.rollout_peak / GB:.2f}, update {self.update_peak / GB:.2f}, "
-                f"optimizer step {self.optimizer_peak / GB:.2f}; {self.breakdown()})")
+        return (f"peak {self.peak / GB:.2f} GB (rollout {self.rollout_peak / GB:.2f}, "
+                f"update {self.update_peak / GB:.2f}, optimizer step {self.optimizer_peak / GB:.2f}; "
+                f"{self.breakdown()})")
 
     def to_dict(self) -> dict[str, Any]:
         def gb(d: dict[str, int]) -> dict[str, float]:
@@ -447,7 +448,8 @@ def setting_from_args(shape: ModelShape, args: EGSPOConfig, *, device_type: str 
     if bits and "float16" in (dtype, args.bnb_4bit_compute_dtype):
         other_bytes = 4  # float16 quantised runs keep norms, embedding and head in float32 (egspo.models.lora)
     lora = args.use_peft or peft_config is not None
-    r, targets, dropout = None, frozenset(), False
+    r, dropout = None, False
+    targets: frozenset[str] = frozenset()
     head = False
     if lora:
         r = int(peft_config.r) if peft_config is not None else args.lora_r

@@ -6,6 +6,8 @@ full-vocabulary tensor alive longer than one expression.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -21,7 +23,7 @@ class _TokenLogprobs(torch.autograd.Function):
     chunk, instead of the float32 (N, V) copy and log-softmax that autograd would keep."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         flat, picks = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
         chunk = max(1, LOGPROB_CHUNK_ELEMENTS // flat.shape[1])
         out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
@@ -36,7 +38,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         logits, tokens, lse = ctx.saved_tensors
         flat, picks = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1, 1)
         g = grad.reshape(-1, 1).float()
@@ -58,14 +60,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return _TokenLogprobs.apply(logits, tokens)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of softmax(logits) over the last dimension."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both :func:`token_logprobs` and :func:`entropy` from one float32 log-softmax."""
+    """Both :func:`token_logprobs` and the entropy in nats of softmax(logits) over the last dimension, from one
+    float32 log-softmax."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     ent = -(logp.exp() * logp).sum(-1)

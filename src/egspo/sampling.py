@@ -34,7 +34,7 @@ log-probs are therefore not the exact model's; the trainer recomputes those of t
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from egspo.models.adapter import DiffusionLM
 from egspo.models.kv_cache import KVCache
 from egspo.ops import gumbel_argmax, logprobs_and_entropy
 from egspo.trajectory import Trajectory, TrajectoryRecorder, stop_token_mask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +214,7 @@ def greedy_tokens(dlm: DiffusionLM, features: torch.Tensor, chunk_rows: int | No
     out = torch.empty(features.shape[:2], dtype=torch.long, device=features.device)
     if features.shape[1] == 0:
         return out
-    vocab = dlm.core.get_output_embeddings().out_features if dlm.native else features.shape[-1]
+    vocab = cast("PreTrainedModel", dlm.core).get_output_embeddings().out_features if dlm.native else features.shape[-1]
     chunk = max(1, GREEDY_CHUNK_ELEMENTS // max(1, (chunk_rows or features.shape[0]) * vocab))
     for start in range(0, features.shape[1], chunk):
         stop = min(start + chunk, features.shape[1])

@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ def _supervise(spec: dict[str, Any], base: str, deadline: float, cap: int, start
         )
     finally:
         os.close(status_w)
-    streams = {"stdout": proc.stdout.fileno(), "stderr": proc.stderr.fileno(), "status": status_r}
+    stdout, stderr = cast(IO[bytes], proc.stdout), cast(IO[bytes], proc.stderr)  # both PIPE, so both set
+    streams = {"stdout": stdout.fileno(), "stderr": stderr.fileno(), "status": status_r}
     data = {name: bytearray() for name in streams}
     timed_out = truncated = False
     sel = selectors.DefaultSelector()
@@ -236,11 +237,11 @@ def _supervise(spec: dict[str, Any], base: str, deadline: float, cap: int, start
                     truncated = True
     finally:
         sel.close()
-        for fd in (status_r, pidfd):
-            if fd is not None:
-                os.close(fd)
-        proc.stdout.close()
-        proc.stderr.close()
+        for own_fd in (status_r, pidfd):
+            if own_fd is not None:
+                os.close(own_fd)
+        stdout.close()
+        stderr.close()
     status = _status(data["status"])
     returncode: int | None = proc.returncode
     if status["error"] is not None:
@@ -302,7 +303,8 @@ def _reason(timed_out: bool, truncated: bool, error: str | None, returncode: int
     if returncode < 0:
         sig = -returncode
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        hint = {signal.SIGXCPU: " (cpu time limit)", signal.SIGXFSZ: " (file size limit)"}.get(sig, "")
+        hints: dict[int, str] = {signal.SIGXCPU: " (cpu time limit)", signal.SIGXFSZ: " (file size limit)"}
+        hint = hints.get(sig, "")
         return f"killed by signal {name}{hint}"
     if returncode > 0:
         return f"exit status {returncode}"
@@ -422,7 +424,7 @@ class _UidLease:
                 cls._base = next((b for b in _UID_BASES if _usable_id_range(b, _UID_SLOTS)), None)
                 if cls._base is None:
                     logger.warning("no free uid range for the sandbox privilege drop; code will run as root")
-            return cls._base  # type: ignore[return-value]
+            return cls._base
 
 
 def _usable_id_range(base: int, count: int) -> bool:
@@ -484,7 +486,9 @@ class _Libc:
         self._check(self.lib.unshare(ctypes.c_int(flags)), "unshare")
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-        enc = (lambda s: None if s is None else s.encode())
+        def enc(s: str | None) -> bytes | None:
+            return None if s is None else s.encode()
+
         rc = self.lib.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
         self._check(rc, f"mount {target}")
 
@@ -649,7 +653,8 @@ def _setup_mounts(libc: _Libc, spec: dict[str, Any], layers: list[str]) -> str |
         layers.append("hidden-home")
     owner = f",uid={uid},gid={gid}" if uid is not None else ""
     try:
-        libc.mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={WORKDIR_BYTES},nr_inodes=4096,mode=0700{owner}")
+        libc.mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={WORKDIR_BYTES},nr_inodes=4096,mode=0700{owner}")
         layers.append("tmpfs-workdir")
     except OSError:
         pass
@@ -702,7 +707,8 @@ def _choose_interpreter(spec: dict[str, Any]) -> tuple[str, int | None]:
         real = os.path.realpath(path)
         prefix = os.path.dirname(os.path.dirname(real))
         dirs = set(_ancestors(real)) | set(_ancestors(os.path.join(prefix, "lib", "x")))
-        if os.stat(real).st_mode & 0o005 == 0o005 and all(os.stat(d).st_mode & 0o001 for d in dirs if os.path.exists(d)):
+        searchable = all(os.stat(d).st_mode & 0o001 for d in dirs if os.path.exists(d))
+        if os.stat(real).st_mode & 0o005 == 0o005 and searchable:
             return path, uid
     return candidates[0], None
 

@@ -6,7 +6,8 @@ functions and weights); accuracy comes from the task's metrics under a scoring p
 parser's decisions, :mod:`egspo.tasks.reference`), see :data:`egspo.tasks.base.PROTOCOLS`.
 
     scores = score_completions(get_task("sudoku"), completions, rows, protocol="reference")
-    scores.summary()   # {"accuracy": ..., "puzzle_accuracy": ..., "protocol": ..., "n": ..., "rewards": {...}, "total": ...}
+    scores.summary()
+    # {"accuracy": ..., "puzzle_accuracy": ..., "protocol": ..., "n": ..., "rewards": {...}, "total": ...}
 
 A completion counts as ``correct`` under ``default`` when every correctness reward function gives its
 full value 1 (never for a task without correctness functions), under ``reference`` when d1's parser
@@ -106,7 +107,7 @@ def _correct(
         if parts is not None:
             return [out_of > 0 and right == out_of for right, out_of in parts]
     correctness = [rewards[f.name] for f in scorer.functions if f.correctness]
-    return [bool(correctness) and all(values[i] is not None and values[i] >= 1.0 - 1e-9 for values in correctness)
+    return [bool(correctness) and all((v := values[i]) is not None and v >= 1.0 - 1e-9 for values in correctness)
             for i in range(len(completions))]
 
 

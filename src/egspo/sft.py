@@ -25,17 +25,27 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from egspo.checkpoint import (check_fresh_or_resume, latest_checkpoint, list_checkpoints, load_checkpoint,
-                              save_checkpoint)
+from egspo.checkpoint import (
+    check_fresh_or_resume,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from egspo.config import ConfigError, EGSPOConfig, save_config
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
 from egspo.rl.batching import encode_prompts
 from egspo.rl.data import prompt_text
 from egspo.rl.metrics import MetricsWriter
+from egspo.run_setup import (
+    check_output_dir,
+    clip_gradients,
+    make_accelerator,
+    make_optimizer,
+    prepare_model_and_optimizer,
+)
 from egspo.seeding import stream
-from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
-                              prepare_model_and_optimizer)
 from egspo.tasks import get_task
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -95,7 +96,7 @@ class Trajectory:
 
     def to(self, device: torch.device | str) -> Trajectory:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        moved: dict[str, Any] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
         return Trajectory(**moved)
 
     @staticmethod
@@ -117,7 +118,8 @@ class Trajectory:
     def select_rows(self, rows: torch.Tensor) -> Trajectory:
         """A trajectory of a subset of rows (e.g. this process's shard)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Trajectory(**{k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+        picked: dict[str, Any] = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        return Trajectory(**picked)
 
 
 def stop_token_mask(tokens: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:

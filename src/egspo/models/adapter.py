@@ -20,11 +20,16 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from egspo.models.kv_cache import KVCache, LayerKV
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +46,11 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def strip_parallel(model: nn.Module) -> nn.Module:
     """The module under DDP/DeepSpeed and torch.compile wrappers (a peft wrapper is kept)."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed
-            model = model.module
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module):  # DDP, DeepSpeed
+            model = inner
         elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -57,7 +63,7 @@ def weights_sharded(model: nn.Module) -> bool:
     must run the same sequence of forwards, since each one gathers weights collectively.
     """
     while hasattr(model, "_orig_mod"):  # torch.compile
-        model = model._orig_mod
+        model = cast(nn.Module, model._orig_mod)
     from torch.distributed import fsdp
 
     fsdp_module = getattr(fsdp, "FSDPModule", None)  # FSDP2 (torch >= 2.6 exports it here)
@@ -197,7 +203,8 @@ class DiffusionLM:
         the parameters, so training updates are seen; each new input shape compiles once."""
         if self._compiled is None or self._compiled_source is not self.model:
             logger.info("Compiling the rollout forward of %s (backend %s).", type(self.core).__name__, backend)
-            self._compiled = torch.compile(self.model, dynamic=False, backend=backend)
+            # torch.compile of a module is a module (OptimizedModule); torch types it as a callable
+            self._compiled = cast(nn.Module, torch.compile(self.model, dynamic=False, backend=backend))
             self._compiled_source = self.model
         return self._compiled
 
@@ -221,7 +228,7 @@ class DiffusionLM:
         if self.native:
             if self.sharded:  # the head's weight is whole only inside the wrapped forward
                 return self.model(head_inputs=features).logits
-            return self.core.get_output_embeddings()(features)
+            return cast("PreTrainedModel", self.core).get_output_embeddings()(features)
         return features
 
     @staticmethod
@@ -266,7 +273,10 @@ def _adapters_bypassed(peft_model: nn.Module) -> Iterator[None]:
     that did not reshard (accelerate keeps the LM head's group gathered), those are temporary
     unsharded copies, and the sharded weights the optimizer updates stay frozen for good.
     """
-    layers = [m for m in peft_model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "adapter_layer_names")]
+    # peft's tuner layers, found by duck typing: their flag is a plain attribute that nn.Module does not declare
+    layers: list[Any] = [
+        m for m in peft_model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "adapter_layer_names")
+    ]
     previous = [m._disable_adapters for m in layers]
     for layer in layers:
         layer._disable_adapters = True
@@ -277,6 +287,6 @@ def _adapters_bypassed(peft_model: nn.Module) -> Iterator[None]:
             layer._disable_adapters = was
 
 
-def _find_peft(model: nn.Module) -> nn.Module | None:
+def _find_peft(model: nn.Module) -> PeftModel | None:
     model = strip_parallel(model)
-    return model if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
+    return cast("PeftModel", model) if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from egspo.config import SamplerConfig
+from egspo.config import Remasking, SamplerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ DEFAULT_BLOCK_LENGTH = 32
 #: Denoising steps per completion token (steps = gen_length / 2, as in LLaDA's and d1's evaluations).
 DEFAULT_STEPS_RATIO = 0.5
 DEFAULT_TEMPERATURE = 0.0
-DEFAULT_REMASKING = "low_confidence"
+DEFAULT_REMASKING: Remasking = "low_confidence"
 #: The keys of ``GenerationConfig.from_pretrained`` that locate the file (the rest of the loading kwargs
 #: would be taken as config overrides).
 _DOWNLOAD_KEYS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -137,7 +137,7 @@ class DiffusionGenerationMixin:
         block_length: int,
         steps: int,
         temperature: float = DEFAULT_TEMPERATURE,
-        remasking: str = DEFAULT_REMASKING,
+        remasking: Remasking = DEFAULT_REMASKING,
     ) -> None:
         """Store sampler defaults in ``generation_config`` (checked now, written by ``save_pretrained``)."""
         sampler = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps,

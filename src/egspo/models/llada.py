@@ -28,13 +28,12 @@ The helpers at the top (RMSNorm, RoPE, bidirectional SDPA, the block loop) and t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
+from transformers import PretrainedConfig, PreTrainedModel, initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
@@ -214,12 +213,14 @@ class NativeDiffusionLM(DiffusionGenerationMixin, PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)  # Embedding has none
+            if bias is not None:
+                init.zeros_(bias)
             # The slice loses the "already loaded" flag, so check it on the full weight.
             loaded = getattr(module.weight, "_is_hf_initialized", False)
-            if getattr(module, "padding_idx", None) is not None and not loaded:
-                init.zeros_(module.weight[module.padding_idx])
+            padding_idx = getattr(module, "padding_idx", None)  # Linear has none
+            if padding_idx is not None and not loaded:
+                init.zeros_(module.weight[padding_idx])
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
             if module.bias is not None:
@@ -520,8 +521,9 @@ class LLaDAModel(nn.Module):
         return_kv: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Final-block hidden states (B, L, d_model), before ``ln_f`` (cache arguments: :func:`run_blocks`)."""
-        x = self.transformer.emb_drop(self.transformer.wte(input_ids))
-        return run_blocks(x, self.transformer.blocks, self.config.head_dim, self.config.rope_theta, attention_mask,
+        x = self.transformer["emb_drop"](self.transformer["wte"](input_ids))
+        blocks = cast(nn.ModuleList, self.transformer["blocks"])
+        return run_blocks(x, blocks, self.config.head_dim, self.config.rope_theta, attention_mask,
                           past_kv, kv_positions, return_kv)
 
 

@@ -32,7 +32,7 @@ import logging
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ from egspo.models import hub
 from egspo.models.adapter import DiffusionLM, unwrap
 from egspo.models.tiny import PRESETS, preset_config, random_model
 from egspo.models.tokenizer import build_char_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +93,11 @@ def load_model(
     quantization = quantization_config(cfg)
     torch_dtype = resolve_dtype(cfg.dtype if dtype is None else dtype, device)
     preset = _random_preset(cfg.name_or_path)
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
     if preset is not None:
         model, tokenizer = random_model(preset, seed=0)
-        model.to(dtype=torch_dtype)
+        cast(nn.Module, model).to(dtype=torch_dtype)  # transformers' @wraps on PreTrainedModel.to hides its self
         config = model.config.to_dict()
     else:
         source = resolve_source(cfg.name_or_path)
@@ -232,7 +237,7 @@ def as_diffusion_lm(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None 
             f"The tokenizer has no mask token; diffusion LMs need one ({type(core).__name__} has none in its "
             "tokenizer or config). Set mask_token in tokenizer_config.json or mask_token_id in config.json."
         )
-    num_embeddings = core.get_input_embeddings().num_embeddings
+    num_embeddings = cast("PreTrainedModel", core).get_input_embeddings().num_embeddings
     if not 0 <= mask_id < num_embeddings:
         raise ModelLoadError(f"mask token id {mask_id} is outside the model's {num_embeddings} embeddings.")
     return DiffusionLM(
@@ -382,7 +387,7 @@ def _trust_remote_code(config: dict[str, Any], cfg: ModelConfig, source: str) ->
     )
 
 
-def _model_class(config: dict[str, Any], trust: bool, source: str) -> type:
+def _model_class(config: dict[str, Any], trust: bool, source: str) -> type[Any]:
     auto_map = config.get("auto_map", {}) if trust else {}
     if auto_map and "AutoModelForMaskedLM" not in auto_map and "AutoModel" in auto_map:
         return AutoModel  # remote diffusion LMs often register only AutoModel (LLaDA and Dream do)
@@ -404,7 +409,7 @@ def _weights_gb(model: nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
 
-def _from_pretrained(auto_class: type, source: str, **kwargs: Any) -> nn.Module:
+def _from_pretrained(auto_class: type[Any], source: str, **kwargs: Any) -> nn.Module:
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except OSError as exc:

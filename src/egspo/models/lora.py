@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -28,8 +29,8 @@ from egspo.models.loading import quantized_bits
 
 logger = logging.getLogger(__name__)
 
-#: The linear layers of one transformer block, under each architecture's own names (docs/algorithm.md#reference-settings). Other
-#: architectures get peft's "all-linear".
+#: The linear layers of one transformer block, under each architecture's own names
+#: (docs/algorithm.md#reference-settings). Other architectures get peft's "all-linear".
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "llada": ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
     "Dream": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -47,7 +48,7 @@ def lora_target_modules(model: nn.Module, cfg: ModelConfig) -> list[str] | str:
     if cfg.lora_target_modules:
         return "all-linear" if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
     model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
-    return DEFAULT_LORA_TARGETS.get(model_type, "all-linear")
+    return DEFAULT_LORA_TARGETS.get(model_type or "", "all-linear")
 
 
 def apply_lora(model: nn.Module, cfg: ModelConfig, peft_config: LoraConfig | None = None) -> PeftModel:
@@ -111,7 +112,7 @@ def make_reference(model: nn.Module) -> nn.Module:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute block activations in the backward pass (non-reentrant, so frozen inputs work with LoRA)."""
-    core = unwrap(model)
+    core: Any = unwrap(model)  # a transformers model; its checkpointing methods differ between versions
     if not getattr(core, "supports_gradient_checkpointing", False):
         raise ConfigError(
             f"gradient_checkpointing=true but {type(core).__name__} does not support gradient "
@@ -134,7 +135,7 @@ def prepare_quantized_base(model: nn.Module) -> None:
     checkpointing is never switched on here: ``gradient_checkpointing`` goes through
     :func:`enable_gradient_checkpointing` (non-reentrant, so no input-gradient hook is needed).
     """
-    core = unwrap(model)
+    core: Any = unwrap(model)  # a transformers model (get_input_embeddings)
     quantizer = getattr(core, "hf_quantizer", None)  # transformers' record of the BitsAndBytesConfig
     compute = getattr(getattr(quantizer, "quantization_config", None), "bnb_4bit_compute_dtype", None)
     load_dtype = core.get_input_embeddings().weight.dtype

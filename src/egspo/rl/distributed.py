@@ -81,7 +81,8 @@ def global_stepwise_advantages(
     gather: Gather,
     process_index: int,
 ) -> GlobalAdvantages:
-    """EGSPO / EGSPO-SA advantages (docs/algorithm.md#stepwise-advantages) of this process's rows, with group baselines over all processes.
+    """EGSPO / EGSPO-SA advantages (docs/algorithm.md#stepwise-advantages) of this process's rows, with group
+    baselines over all processes.
 
     ``local_rewards`` (B,), ``local_greedy`` (B, K) rewards of the one-step greedy completions (None when
     λ = 0: the step term vanishes and r̂ is never scored), ``local_weights`` (B, K) selection weights.
@@ -110,7 +111,8 @@ def global_stepwise_advantages(
 def global_group_advantages(
     local_rewards: torch.Tensor, rl: EGSPOConfig, *, gather: Gather, process_index: int
 ) -> GlobalAdvantages:
-    """diffu-GRPO advantages ``r - mean_group(r)`` (docs/algorithm.md#diffu-grpo) of this process's rows, groups over all processes."""
+    """diffu-GRPO advantages ``r - mean_group(r)`` (docs/algorithm.md#diffu-grpo) of this process's rows, groups
+    over all processes."""
     all_rewards = gather(local_rewards.float().contiguous())
     advantages = group_advantages(all_rewards, rl.num_generations, scale=rl.scale_rewards)
     return GlobalAdvantages(local=local_rows(advantages, process_index, local_rewards.shape[0]), rewards=all_rewards)

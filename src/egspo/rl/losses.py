@@ -1,4 +1,5 @@
-"""The EGSPO step loss and the diffu-GRPO (d1) token loss (docs/algorithm.md#egspo-loss, #diffu-grpo), as pure tensor functions.
+"""The EGSPO step loss and the diffu-GRPO (d1) token loss (docs/algorithm.md#egspo-loss, #diffu-grpo), as pure
+tensor functions.
 
 Masking convention: rows or tokens that must not contribute (padded selections, tokens after the first
 EOS) are removed with ``torch.where`` on the *inputs* and on the result, never by multiplying with 0,

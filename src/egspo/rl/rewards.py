@@ -2,8 +2,8 @@
 
 User functions use the TRL signature ``fn(prompts, completions, completion_ids, **columns) ->
 list[float | None]``: plain functions, partials, objects with ``__call__``, or import paths
-(``"my_rewards:length_penalty"``); their signatures are checked before any rollout. A ``None`` or NaN reward is excluded from
-the weighted sum (as TRL does), counted, and warned about once per function. A function that raises
+(``"my_rewards:length_penalty"``); their signatures are checked before any rollout. A ``None`` or NaN reward is
+excluded from the weighted sum (as TRL does), counted, and warned about once per function. A function that raises
 stops the run with a message naming it: a silently zero reward would train on garbage.
 """
 

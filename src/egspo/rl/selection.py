@@ -10,8 +10,7 @@ row's ``last_content_step``. A row with fewer candidates than slots takes all of
 with weight 0; padded slots repeat the row's last real step (or step 0 for a row without candidates), so
 ``steps`` stays non-decreasing and always indexes inside [0, T).
 
-Ties in entropy are broken towards the earlier step (stable sort), both for ``high_entropy`` and for
-``rank``.
+Ties in entropy are broken towards the earlier step (stable sort), for ``high_entropy`` and ``adaptive``.
 """
 
 from __future__ import annotations
@@ -33,12 +32,6 @@ class SelectedSteps:
 
     steps: torch.Tensor  # (B, K) long, ascending in time; padding repeats the last real step
     weights: torch.Tensor  # (B, K) float, 1 = real selection, 0 = padding
-    rank: torch.Tensor  # (B, K) long, entropy rank of the step among the row's candidates (0 = highest)
-
-    @property
-    def num_slots(self) -> int:
-        """K: the number of selected-step slots (micro-batches) for this batch."""
-        return self.steps.shape[1]
 
 
 def _candidate_steps(
@@ -103,9 +96,6 @@ def select_steps(
     # Candidates first, by entropy descending; stable so equal entropies keep time order.
     masked_entropy = torch.where(cand, step_entropy.float(), float("-inf"))
     by_entropy = torch.sort(masked_entropy, dim=-1, descending=True, stable=True).indices
-    rank_of_step = torch.empty_like(by_entropy).scatter_(
-        -1, by_entropy, torch.arange(num_steps, device=device).expand(batch, -1).contiguous()
-    )
 
     if as_published and method in ("random", "uniform"):
         chosen = _as_published(method, num_steps, k, batch, generator, device)
@@ -124,7 +114,7 @@ def select_steps(
     else:
         chosen, num_real = _adaptive(masked_entropy, by_entropy, cand, num_cand, k, alpha, k_max_reduce)
 
-    return _to_time_order(chosen, num_real, rank_of_step)
+    return _to_time_order(chosen, num_real, num_steps)
 
 
 def _as_published(method: str, num_steps: int, k: int, batch: int, generator: torch.Generator | None,
@@ -189,9 +179,8 @@ def _adaptive(
     return by_entropy[:, :width], num_real
 
 
-def _to_time_order(chosen: torch.Tensor, num_real: torch.Tensor, rank_of_step: torch.Tensor) -> SelectedSteps:
+def _to_time_order(chosen: torch.Tensor, num_real: torch.Tensor, num_steps: int) -> SelectedSteps:
     """Sort each row's real selections by time, pad the tail with the last real step, weight 0."""
-    num_steps = rank_of_step.shape[1]
     width = chosen.shape[1]
     slot = torch.arange(width, device=chosen.device)
     real = slot[None, :] < num_real.view(-1, 1)
@@ -200,8 +189,4 @@ def _to_time_order(chosen: torch.Tensor, num_real: torch.Tensor, rank_of_step: t
     # A row with no candidate has no real step: repeat step 0, always in range.
     last_real = torch.where(last_real < num_steps, last_real, 0)
     steps = torch.where(real, steps, last_real)
-    return SelectedSteps(
-        steps=steps,
-        weights=real.float(),
-        rank=rank_of_step.gather(-1, steps),
-    )
+    return SelectedSteps(steps=steps, weights=real.float())

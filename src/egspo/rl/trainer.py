@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -40,14 +40,27 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from egspo.checkpoint import (check_fresh_or_resume, latest_checkpoint, list_checkpoints, load_checkpoint,
-                              save_checkpoint, verify_checkpoint)
+from egspo.checkpoint import (
+    check_fresh_or_resume,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from egspo.config import ConfigError, EGSPOConfig, ModelConfig, save_config
 from egspo.evaluate import evaluate_rows, get_task_or_fail
 from egspo.memory import MemoryPlan, plan_memory
-from egspo.models.adapter import unwrap
-from egspo.models.loading import (as_diffusion_lm, check_quantization, describe_quantization, load_model,
-                                   load_tokenizer, quantized_bits, read_model_config)
+from egspo.models.adapter import DiffusionLM, unwrap
+from egspo.models.loading import (
+    as_diffusion_lm,
+    check_quantization,
+    describe_quantization,
+    load_model,
+    load_tokenizer,
+    quantized_bits,
+    read_model_config,
+)
 from egspo.models.lora import prepare_for_training
 from egspo.rl.advantages import zero_variance_groups
 from egspo.rl.batching import PromptStream, encode_prompts
@@ -60,8 +73,14 @@ from egspo.rl.metrics import MetricsWriter, read_metrics, step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
 from egspo.rl.tracking import log_samples, sample_rows
-from egspo.run_setup import (check_output_dir, clip_gradients, make_accelerator, make_optimizer,
-                              prepare_model_and_optimizer, prepare_reference)
+from egspo.run_setup import (
+    check_output_dir,
+    clip_gradients,
+    make_accelerator,
+    make_optimizer,
+    prepare_model_and_optimizer,
+    prepare_reference,
+)
 from egspo.sampling import sample
 from egspo.seeding import stream
 from egspo.tasks import Task
@@ -187,9 +206,7 @@ class EGSPOTrainer:
         acc = self.accelerator
         check_launch(acc.num_processes)
         cfg.validate(num_processes=acc.num_processes)
-        # micro-batches (backward passes) per training step
-        updates = cfg.num_iterations * cfg.gradient_accumulation_steps if cfg.algorithm == "diffu_grpo" else (
-            cfg.num_selected_steps // cfg.steps_per_microbatch)
+        updates = cfg.updates_per_rollout  # micro-batches (backward passes) per training step
         if cfg.step_selection != "adaptive" and updates % cfg.gradient_accumulation_steps:
             logger.warning(
                 "%d micro-batches per rollout batch is not a multiple of gradient_accumulation_steps=%d: each batch's "
@@ -205,8 +222,8 @@ class EGSPOTrainer:
         optimizer_steps = math.ceil(cfg.max_steps * updates / cfg.gradient_accumulation_steps)
         optimizer, self.scheduler = make_optimizer(params, cfg, optimizer_steps)
         model_prepared, self.optimizer = prepare_model_and_optimizer(acc, self.dlm.model, optimizer, cfg)
-        self.dlm = dataclasses.replace(self.dlm, model=model_prepared,
-                                       reference=prepare_reference(acc, self.dlm.reference))
+        self.dlm: DiffusionLM = dataclasses.replace(self.dlm, model=model_prepared,
+                                                    reference=prepare_reference(acc, self.dlm.reference))
         if self.dlm.sharded and cfg.rollout_cache != "none":
             raise ConfigError(
                 f"rollout_cache={cfg.rollout_cache!r} is not supported with a sharded model (FSDP / ZeRO-3): use "
@@ -261,23 +278,24 @@ class EGSPOTrainer:
             model = cfg.model_name_or_path
         if not isinstance(model, (str, Path, nn.Module)):
             raise TypeError(f"model must be a name, a path or a loaded model, got {type(model).__name__}.")
-        loaded = isinstance(model, nn.Module)
-        self.model_id = (str(getattr(unwrap(model), "name_or_path", "") or cfg.model_name_or_path) if loaded
-                         else str(model))
+        module = model if isinstance(model, nn.Module) else None
+        self.model_id = (str(getattr(unwrap(module), "name_or_path", "") or cfg.model_name_or_path)
+                         if module is not None else str(model))
         model_cfg = cfg.model_config(self.model_id)
         if peft_config is not None:
             model_cfg = dataclasses.replace(model_cfg, lora=True)
         # everything that can be refused is refused here, before any weight is read
-        bits = quantized_bits(model) if loaded else None
+        bits = quantized_bits(module) if module is not None else None
         self._check_quantized_run(model_cfg, bits)
+        core_config: Any = getattr(unwrap(module), "config", None) if module is not None else None
         self.memory_plan = self._plan_memory(
-            unwrap(model).config.to_dict() if loaded else read_model_config(self.model_id), peft_config, bits)
+            core_config.to_dict() if core_config is not None else read_model_config(self.model_id), peft_config, bits)
         if self.memory_plan is not None:
             model_cfg = dataclasses.replace(model_cfg, gradient_checkpointing=self.memory_plan.gradient_checkpointing)
-        if loaded:
+        if module is not None:
             tokenizer = processing_class or load_tokenizer(model_cfg)
             # a quantised model was placed when it was loaded (bitsandbytes models are not moved)
-            dlm = as_diffusion_lm(model if bits else model.to(acc.device), tokenizer)
+            dlm = as_diffusion_lm(module if bits else module.to(acc.device), tokenizer)
         else:
             dlm, tokenizer = load_model(model_cfg, device=acc.device)
         if processing_class is not None:
@@ -423,7 +441,9 @@ class EGSPOTrainer:
         timings["time/update"] = time.perf_counter() - t0
         return self._step_metrics(metrics, timings, [batch])
 
-    def _step_metrics(self, metrics: dict[str, Any], timings: dict[str, float], batches: list[_Batch]) -> dict[str, Any]:
+    def _step_metrics(
+        self, metrics: dict[str, Any], timings: dict[str, float], batches: list[_Batch]
+    ) -> dict[str, Any]:
         metrics.update(timings)
         total_tokens = float(self._gather(torch.tensor([sum(b.traj.sequences.numel() for b in batches)])).sum())
         metrics["tokens_per_second"] = total_tokens / max(sum(timings.values()), 1e-9)
@@ -438,7 +458,7 @@ class EGSPOTrainer:
         cfg = self.args
         generator = stream("selection", cfg.seed, step, self.accelerator.process_index, device=traj.step_entropy.device)
         return select_steps(
-            traj.step_entropy, cfg.num_selected_steps, cfg.step_selection,
+            traj.step_entropy, cast(int, cfg.num_selected_steps), cfg.step_selection,  # set in __post_init__
             valid_steps=traj.valid_steps, last_content_step=traj.last_content_step,
             stop_at_last_content=cfg.stop_at_last_content, alpha=cfg.adaptive_alpha,
             generator=generator, k_max_reduce=self._agreed_k, as_published=cfg.step_selection_as_published,
@@ -446,13 +466,13 @@ class EGSPOTrainer:
 
     def _egspo_advantages(
         self, batch: _Batch, selected: SelectedSteps, rewards: torch.Tensor, greedy: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Stepwise advantages (B, K); ``greedy`` (B, K, L_c) replaces the sampler's recorded greedy completions
         (the exact ones of an approximate rollout)."""
         cfg, acc = self.args, self.accelerator
         traj = batch.traj
         k = selected.steps.shape[1]
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         greedy_rewards = None
         if cfg.stepwise_lambda:
             if greedy is None:
@@ -468,17 +488,19 @@ class EGSPOTrainer:
         result = global_stepwise_advantages(rewards, greedy_rewards, selected.weights.float(), cfg,
                                             gather=self._gather, process_index=acc.process_index)
         adv = result.local
+        # global_stepwise_advantages always gathers the greedy rewards and the weights (None: diffu-GRPO only)
+        all_greedy, all_weights = cast(torch.Tensor, result.greedy), cast(torch.Tensor, result.weights)
         if greedy_rewards is not None:
-            metrics["reward/greedy_mean"] = float(result.greedy.mean())
+            metrics["reward/greedy_mean"] = float(all_greedy.mean())
         ent = traj.step_entropy
         valid = traj.valid_steps
         sel_ent = ent.gather(1, selected.steps.to(ent.device))
         w = selected.weights.to(ent.device)
         metrics["entropy/selected"] = float(self._gather(((sel_ent * w).sum() / w.sum().clamp_min(1)).view(1)).mean())
         metrics["entropy/all"] = float(self._gather(((ent * valid).sum() / valid.sum().clamp_min(1)).view(1)).mean())
-        metrics["selected_steps_histogram"] = step_histogram(self._gather(selected.steps), self._gather(selected.weights),
-                                                             traj.num_steps)
-        metrics["selected_per_rollout"] = float(result.weights.sum(1).mean())
+        metrics["selected_steps_histogram"] = step_histogram(
+            self._gather(selected.steps), self._gather(selected.weights), traj.num_steps)
+        metrics["selected_per_rollout"] = float(all_weights.sum(1).mean())
         return adv.to(acc.device), metrics
 
     @torch.no_grad()
@@ -565,7 +587,8 @@ class EGSPOTrainer:
                                                               with_logits=exact)
             with acc.accumulate(self.dlm.model), acc.autocast():
                 logp, num_tokens, valid, logits = action_logps(self.dlm, sub, steps, aggregation=agg, with_logits=exact)
-                kl = kl_exact(logits, ref_logits, valid, agg) if exact and ref_logits is not None else None
+                # the logits are returned (not None) exactly when exact
+                kl = kl_exact(logits, ref_logits, valid, agg) if logits is not None and ref_logits is not None else None
                 loss, stats = egspo_step_loss(
                     logp, old, ref_logp, advantages, weights, num_tokens,
                     eps_low=cfg.epsilon, eps_high=cfg.epsilon_high, beta=cfg.beta,
@@ -766,7 +789,8 @@ class EGSPOTrainer:
         ckpt = self._resume_point(resume_from_checkpoint)
         created = not self.run_dir.exists()
         check_output_dir(self.run_dir)
-        step, metrics = self.start_step, {}
+        step = self.start_step
+        metrics: dict[str, Any] = {}
         try:
             if ckpt is not None:
                 state = load_checkpoint(ckpt, model=self.dlm.model, optimizer=self.optimizer,

@@ -19,7 +19,7 @@ from typing import Any
 
 from egspo.tasks.data import get_field
 
-RewardFn = Callable[..., list[float | None]]
+RewardFn = Callable[..., Sequence[float | None]]
 
 SYSTEM_PROMPT = (
     "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
@@ -50,6 +50,14 @@ def percent_full(scores: Sequence[float | None]) -> float:
 def pooled_percent(parts: Sequence[Parts]) -> float:
     """100 * total right / total out of: d1's accuracy (per problem, or per empty cell for Sudoku)."""
     return 100.0 * sum(right for right, _ in parts) / max(sum(out_of for _, out_of in parts), 1)
+
+
+def reject_options(task: Task, options: dict[str, Any]) -> None:
+    """TypeError naming ``options``: keywords that ``task.load`` does not take (loaders report it as a
+    config error, as for any other bad task option)."""
+    if options:
+        names = ", ".join(repr(name) for name in sorted(options))
+        raise TypeError(f"{type(task).__name__}.load() got unexpected keyword argument(s) {names}")
 
 
 def check_protocol(protocol: str) -> str:
@@ -83,7 +91,8 @@ class Task(ABC):
         """Data rows from a local file / hub name (``source``) or, when None, from the task's generator.
 
         ``split`` is "train" or "test" (generators use disjoint seeds for them). Malformed rows raise
-        ``ValueError`` naming the file and line.
+        ``ValueError`` naming the file and line; an option the task does not take raises ``TypeError``
+        (:func:`reject_options`).
         """
 
     def parse_truth(self, fields: dict[str, Any]) -> dict[str, Any]:

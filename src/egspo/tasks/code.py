@@ -13,8 +13,8 @@ they read and in the prompt wording. Rows:
   MBPP's ``test_setup_code``), "" when none;
 - ``solution``: a reference solution, for supervised warm-up ("" when unknown).
 
-Rewards (docs/algorithm.md#tasks-and-rewards): ``correctness`` = fraction of tests passed (weight 1.0), ``code_in_answer`` = 1 when
-that block sits inside ``<answer>`` (weight 0.5). The completion is executed once per row in
+Rewards (docs/algorithm.md#tasks-and-rewards): ``correctness`` = fraction of tests passed (weight 1.0),
+``code_in_answer`` = 1 when that block sits inside ``<answer>`` (weight 0.5). The completion is executed once per row in
 :func:`egspo.sandbox.run_python`, with the candidate's own output discarded; a small harness reports
 each passed test on a private file descriptor, with a per-run random marker.
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 from egspo.sandbox import run_python
 from egspo.tasks.answers import clean_completion
-from egspo.tasks.base import SYSTEM_PROMPT, RewardFunction, Task, chat, format_completion, percent_full
+from egspo.tasks.base import SYSTEM_PROMPT, RewardFunction, Task, chat, format_completion, percent_full, reject_options
 from egspo.tasks.data import DataError, FieldError, check_split, get_field, load_rows, text_field
 
 logger = logging.getLogger(__name__)
@@ -216,8 +216,9 @@ class CodeTask(Task):
 
     # -- data -----------------------------------------------------------------------------------
 
-    def load(self, source: str | None, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    def load(self, source: str | None, split: str, n: int, seed: int, **options: Any) -> list[dict[str, Any]]:
         """Rows of a local file or hub dataset (the whole source: ``n`` and ``seed`` are for generators)."""
+        reject_options(self, options)
         check_split(split)
         if source is None:
             if split not in self.default_sources:
@@ -243,7 +244,8 @@ class CodeTask(Task):
         if isinstance(tests, (list, tuple)):
             tests = [str(t) for t in tests if str(t).strip()]
         if not tests or not isinstance(tests, (str, list)):
-            raise FieldError(self.test_fields[0], f"must be a test program or a non-empty list of asserts, got {tests!r}")
+            raise FieldError(self.test_fields[0],
+                             f"must be a test program or a non-empty list of asserts, got {tests!r}")
         entry_point = str(fields.get("entry_point") or "").strip()
         if entry_point and not entry_point.isidentifier():
             raise FieldError("entry_point", f"must be a function name, got {entry_point!r}")

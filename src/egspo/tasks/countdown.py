@@ -27,7 +27,7 @@ from fractions import Fraction
 from typing import Any
 
 from egspo.tasks.answers import final_answer
-from egspo.tasks.base import Parts, RewardFunction, Task, chat, format_completion, percent_full
+from egspo.tasks.base import Parts, RewardFunction, Task, chat, format_completion, percent_full, reject_options
 from egspo.tasks.data import FieldError, as_int, check_split, generator_rng, get_field, load_rows, split_of
 from egspo.tasks.reference import reference_countdown_correct
 
@@ -36,7 +36,8 @@ NUMBER_RANGE = (1, 100)  # numbers and targets, as in the reference test set
 _MAX_EXPRESSION_CHARS = 200  # bounds the parser's recursion and the size of exact intermediate values
 _ALLOWED_CHARS = re.compile(r"[0-9 \t\n+\-*/().]+")
 _SYMBOLS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "×": "*", "·": "*", "÷": "/", "−": "-"}
-_OPERATIONS: dict[str, Callable[[Fraction, Fraction], Fraction]] = {
+# applied to Fractions (the parser) and to ints or Fractions (the generator, :func:`_combine`)
+_OPERATIONS: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
 }
 _AST_OPERATORS: dict[type[ast.operator], str] = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -240,8 +241,11 @@ class CountdownTask(Task):
     name = "countdown"
     answer_fields = ("numbers", "target")
 
-    def load(self, source: str | None, split: str, n: int, seed: int, num_numbers: int = 3) -> list[dict[str, Any]]:
+    def load(
+        self, source: str | None, split: str, n: int, seed: int, num_numbers: int = 3, **options: Any
+    ) -> list[dict[str, Any]]:
         """Rows from ``source``, or ``n`` generated problems of ``num_numbers`` (3 or 4) numbers."""
+        reject_options(self, options)
         check_split(split)
         if source is not None:
             return load_rows(source, split, self.to_row)

@@ -27,7 +27,16 @@ from egspo.tasks.answers import (
     numbers_equal,
     parse_number,
 )
-from egspo.tasks.base import SYSTEM_PROMPT, Parts, RewardFunction, Task, chat, format_completion, percent_full
+from egspo.tasks.base import (
+    SYSTEM_PROMPT,
+    Parts,
+    RewardFunction,
+    Task,
+    chat,
+    format_completion,
+    percent_full,
+    reject_options,
+)
 from egspo.tasks.data import DataError, FieldError, check_split, load_rows, text_field
 from egspo.tasks.reference import reference_gsm8k_correct, reference_math_correct
 
@@ -35,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 BOXED_SYSTEM_PROMPT = SYSTEM_PROMPT + "\nPut the final answer in \\boxed{} inside <answer>."
 
-# The published format regexes lacked re.DOTALL, so any multi-line reasoning failed them (docs/algorithm.md#deliberate-differences-from-the-published-code).
+# The published format regexes lacked re.DOTALL, so any multi-line reasoning failed them
+# (docs/algorithm.md#deliberate-differences-from-the-published-code).
 _STRICT_FORMAT = re.compile(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>", re.DOTALL)
 _SOFT_FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 _XML_TAGS = ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
@@ -78,7 +88,7 @@ def _final_answer_scores(
 ) -> list[float]:
     """1 where the completion's final answer is ``same`` as the reference, else 0."""
     answers = [final_answer(c) for c in completions]
-    return [float(bool(a) and same(a, ref)) for a, ref in zip(answers, references)]
+    return [float(bool(a and same(a, ref))) for a, ref in zip(answers, references)]
 
 
 def same_number(predicted: str, reference: str) -> bool:
@@ -214,8 +224,9 @@ class _FinalAnswerTask(Task):
     answer_fields = ("answer",)
     default_sources: ClassVar[dict[str, str]] = {}  # split -> hub dataset used when no source is given
 
-    def load(self, source: str | None, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    def load(self, source: str | None, split: str, n: int, seed: int, **options: Any) -> list[dict[str, Any]]:
         """Rows from ``source`` or the default hub dataset (``n`` and ``seed`` concern generators only)."""
+        reject_options(self, options)
         check_split(split)
         if source is None:
             if split not in self.default_sources:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from egspo.tasks.answers import clean_completion, last_answer_block
-from egspo.tasks.base import Parts, RewardFunction, Task, chat, format_completion, pooled_percent
+from egspo.tasks.base import Parts, RewardFunction, Task, chat, format_completion, pooled_percent, reject_options
 from egspo.tasks.data import FieldError, check_split, generator_rng, load_rows, split_of, text_field
 from egspo.tasks.reference import reference_sudoku_cells
 
@@ -184,9 +184,11 @@ class SudokuTask(Task):
     compact: bool = False
 
     def load(
-        self, source: str | None, split: str, n: int, seed: int, blanks: int = DEFAULT_BLANKS, compact: bool = False
+        self, source: str | None, split: str, n: int, seed: int, blanks: int = DEFAULT_BLANKS, compact: bool = False,
+        **options: Any,
     ) -> list[dict[str, Any]]:
         """Rows from ``source``, or ``n`` generated puzzles with ``blanks`` empty cells (1 to 12)."""
+        reject_options(self, options)
         self.compact = bool(compact)
         check_split(split)
         if source is not None:
