@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import egspo.rl.estimators as estimators_module
-import egspo.rl.trainer as trainer_module
+import egspo.rl.steps as steps_module
 from egspo import EGSPOConfig, EGSPOTrainer
 
 torch.set_num_threads(1)
@@ -41,7 +41,7 @@ def recorded(tmp_path_factory):
         events.append(("rollout", index, id(batch.traj.sequences)))
         return batch
 
-    estimator = trainer_module.masked_completion_logps
+    estimator = steps_module.masked_completion_logps
     use = {}
 
     def spy_estimator(dlm, traj, seed, p_mask, model=None):
@@ -51,7 +51,7 @@ def recorded(tmp_path_factory):
             events.append(("forward", traj.sequences.data_ptr(), seed))
         return out
 
-    loss_fn = trainer_module.diffu_grpo_loss
+    loss_fn = steps_module.diffu_grpo_loss
 
     def spy_loss(*a, **k):
         loss, stats = loss_fn(*a, **k)
@@ -73,8 +73,8 @@ def recorded(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:  # one run shared by the module's tests
         mp.setattr(trainer, "_rollout", spy_rollout)
-        mp.setattr(trainer_module, "masked_completion_logps", spy_estimator)
-        mp.setattr(trainer_module, "diffu_grpo_loss", spy_loss)
+        mp.setattr(steps_module, "masked_completion_logps", spy_estimator)
+        mp.setattr(steps_module, "diffu_grpo_loss", spy_loss)
         mp.setattr(estimators_module, "diffu_grpo_masked_inputs", spy_masked_inputs)
         mp.setattr(trainer.optimizer, "step", spy_step)
         trainer.train()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+import egspo.rl.steps as steps_module
 import egspo.rl.trainer as trainer_module
 from egspo import EGSPOConfig, EGSPOTrainer
 from egspo.rl.advantages import stepwise_advantages
@@ -55,7 +56,7 @@ def _spied_run(out, reward_funcs, **overrides: Any) -> tuple[EGSPOTrainer, dict[
                            args=_args(out, **overrides))
     seen: dict[str, Any] = {"loss_calls": [], "advantage_inputs": [], "grads": [], "optimizer_steps": 0}
     rollout, select, optimizer_step = trainer._rollout, trainer._select, trainer.optimizer.step
-    step_loss, advantages = trainer_module.egspo_step_loss, trainer_module.global_stepwise_advantages
+    step_loss, advantages = steps_module.egspo_step_loss, steps_module.global_stepwise_advantages
     trainable = [(n, p) for n, p in trainer.dlm.model.named_parameters() if p.requires_grad]
     seen["init_params"] = {n: p.detach().clone() for n, p in trainable}
 
@@ -88,8 +89,8 @@ def _spied_run(out, reward_funcs, **overrides: Any) -> tuple[EGSPOTrainer, dict[
         mp.setattr(trainer, "_rollout", spy_rollout)
         mp.setattr(trainer, "_select", spy_select)
         mp.setattr(trainer.optimizer, "step", spy_optimizer_step)
-        mp.setattr(trainer_module, "egspo_step_loss", spy_loss)
-        mp.setattr(trainer_module, "global_stepwise_advantages", spy_advantages)
+        mp.setattr(steps_module, "egspo_step_loss", spy_loss)
+        mp.setattr(steps_module, "global_stepwise_advantages", spy_advantages)
         trainer.train()
     seen["params"] = {n: p.detach().clone() for n, p in trainable}
     return trainer, seen
@@ -168,13 +169,13 @@ def test_step_rewards_use_only_correctness_rewards_when_asked(tmp_path, monkeypa
     torch.testing.assert_close(r_hat, torch.tensor(distinct(None, greedy)).view(ROLLOUT_ROWS, K))
 
     greedy_rewards = []
-    advantages = trainer_module.global_stepwise_advantages
+    advantages = steps_module.global_stepwise_advantages
 
     def spy(rewards, local_greedy, *args, **kwargs):
         greedy_rewards.append(local_greedy)
         return advantages(rewards, local_greedy, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "global_stepwise_advantages", spy)
+    monkeypatch.setattr(steps_module, "global_stepwise_advantages", spy)
     trainer.args.step_reward_correctness_only = False
     trainer._egspo_advantages(batch, sel, r)
     r_hat_all, = greedy_rewards

@@ -369,7 +369,7 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
     """The old log-probs that the updates use are the exact ones, computed in eval mode (LoRA dropout
     off, as in the rollout) from the weights the rollout used, not the sampler's approximate record.
     Two steps: LoRA's B starts at zero, so dropout on the adapter's input only matters after an update."""
-    import egspo.rl.trainer as trainer_module
+    import egspo.rl.steps as steps_module
     from egspo.rl.trainer import EGSPOTrainer
 
     from .test_trainer import make_config
@@ -400,14 +400,14 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
         return outputs
 
     olds: list[torch.Tensor] = []
-    original_loss = trainer_module.egspo_step_loss
+    original_loss = steps_module.egspo_step_loss
 
     def loss(logp, logp_old, *args, **kwargs):
         olds.append(logp_old.detach().clone())
         return original_loss(logp, logp_old, *args, **kwargs)
 
     trainer._rollout, trainer._exact_step_outputs = rollout, exact_old_logps
-    monkeypatch.setattr(trainer_module, "egspo_step_loss", loss)
+    monkeypatch.setattr(steps_module, "egspo_step_loss", loss)
     trainer.train()
     exact = torch.cat(seen["exact"], dim=1)  # (B, 2K): the slots of step 1, then of step 2
     assert len(olds) == exact.shape[1]
@@ -478,7 +478,7 @@ def test_cached_rollout_step_rewards_and_importance_weights_come_from_the_exact_
     """With an approximate rollout, r_hat is scored on greedy completions from the exact forward of s_t
     (an independent full forward: argmax, mask excluded, at the positions still masked), and each step's
     loss is weighted by min(exp(exact - approximate), cap)."""
-    import egspo.rl.trainer as trainer_module
+    import egspo.rl.steps as steps_module
     from egspo.rl.trainer import EGSPOTrainer
 
     from .test_trainer import make_config
@@ -515,7 +515,7 @@ def test_cached_rollout_step_rewards_and_importance_weights_come_from_the_exact_
         return original_score(prompts, completions, rows, **kwargs)
 
     weights_seen: list[torch.Tensor] = []
-    original_loss = trainer_module.egspo_step_loss
+    original_loss = steps_module.egspo_step_loss
 
     def loss(logp, logp_old, logp_ref, advantages, weights, *args, **kwargs):
         weights_seen.append(weights.detach().clone())
@@ -523,7 +523,7 @@ def test_cached_rollout_step_rewards_and_importance_weights_come_from_the_exact_
 
     trainer._exact_step_outputs = exact_outputs
     monkeypatch.setattr(trainer.scorer, "score", score)
-    monkeypatch.setattr(trainer_module, "egspo_step_loss", loss)
+    monkeypatch.setattr(steps_module, "egspo_step_loss", loss)
     trainer.train()
     greedy = seen["greedy"]
     k = greedy.shape[1]
