@@ -707,8 +707,8 @@ def _choose_interpreter(spec: dict[str, Any]) -> tuple[str, int | None]:
         real = os.path.realpath(path)
         prefix = os.path.dirname(os.path.dirname(real))
         dirs = set(_ancestors(real)) | set(_ancestors(os.path.join(prefix, "lib", "x")))
-        searchable = all(os.stat(d).st_mode & 0o001 for d in dirs if os.path.exists(d))
-        if os.stat(real).st_mode & 0o005 == 0o005 and searchable:
+        readable = os.stat(real).st_mode & 0o005 == 0o005
+        if readable and all(os.stat(d).st_mode & 0o001 for d in dirs if os.path.exists(d)):
             return path, uid
     return candidates[0], None
 
