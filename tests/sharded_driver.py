@@ -36,10 +36,10 @@ from accelerate.utils import (
 )
 
 from egspo import run_setup
-from egspo.config import TrainConfig
+from egspo.config import EGSPOConfig
 
 
-def sharded_accelerator(train: TrainConfig) -> Accelerator:
+def sharded_accelerator(train: EGSPOConfig) -> Accelerator:
     """egspo's accelerator, switched to FSDP or DeepSpeed (on a GPU machine, accelerate does this itself)."""
     acc = run_setup.make_accelerator(train)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":

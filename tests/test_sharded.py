@@ -69,12 +69,12 @@ def _has_deepspeed() -> bool:
 def _config(tmp_path: Path, micro_model: Path, data: Path, lora: bool) -> Path:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(micro_model), "lora": lora, "lora_r": 4, "lora_alpha": 8},
-        "sampler": {"gen_length": 8, "block_length": 8, "steps": 4, "temperature": 1.0},
-        "rl": {"algorithm": "egspo_sa", "num_generations": 8, "num_selected_steps": 2},
-        "task": {"name": "custom", "train_file": str(data), "extra_reward_funcs": ["tests.reward_fns:count_sevens"]},
-        "train": {"per_device_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2, "save_every": 0,
-                  "learning_rate": 0.01 if lora else 0.001, "max_grad_norm": 1.0},
+        "model_name_or_path": str(micro_model), "use_peft": lora, "lora_r": 4, "lora_alpha": 8,
+        "max_completion_length": 8, "block_length": 8, "diffusion_steps": 4, "temperature": 1.0,
+        "algorithm": "egspo_sa", "num_generations": 8, "num_selected_steps": 2,
+        "task": "custom", "train_file": str(data), "reward_funcs": ["tests.reward_fns:count_sevens"],
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2, "save_steps": 0,
+        "learning_rate": 0.01 if lora else 0.001, "max_grad_norm": 1.0,
     }))
     return config
 
@@ -327,21 +327,21 @@ def test_sharded_idle_steps_leave_the_global_rng_alone(monkeypatch):
 def test_deepspeed_plugin_gets_the_micro_batch_and_the_clipping(caplog):
     from accelerate.utils import DeepSpeedPlugin
 
-    from egspo.config import TrainConfig
+    from egspo.config import EGSPOConfig
     from egspo.run_setup import configure_deepspeed
 
     plugin = DeepSpeedPlugin(zero_stage=2, gradient_clipping=0.2)  # what configs/accelerate/deepspeed_zero2.yaml sets
     assert plugin.is_auto("train_micro_batch_size_per_gpu")
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
-    configure_deepspeed(accelerator, TrainConfig(per_device_batch_size=6, max_grad_norm=0.2))
+    configure_deepspeed(accelerator, EGSPOConfig(per_device_train_batch_size=6, max_grad_norm=0.2))
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 6
     assert not plugin.is_auto("train_micro_batch_size_per_gpu") and plugin.deepspeed_config["gradient_clipping"] == 0.2
-    configure_deepspeed(accelerator, TrainConfig(per_device_batch_size=6, max_grad_norm=1.0))
-    assert plugin.deepspeed_config["gradient_clipping"] == 1.0 and "replaced by train.max_grad_norm" in caplog.text
+    configure_deepspeed(accelerator, EGSPOConfig(per_device_train_batch_size=6, max_grad_norm=1.0))
+    assert plugin.deepspeed_config["gradient_clipping"] == 1.0 and "replaced by max_grad_norm" in caplog.text
     auto = DeepSpeedPlugin(zero_stage=3)  # "auto" clipping: accelerate would fill in 1.0
-    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=auto)), TrainConfig(max_grad_norm=0.2))
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=auto)), EGSPOConfig(max_grad_norm=0.2))
     assert auto.deepspeed_config["gradient_clipping"] == 0.2
-    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), TrainConfig())  # DDP: no-op
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), EGSPOConfig())  # DDP: no-op
 
 
 def test_the_reference_gets_its_own_engine_only_under_zero3(monkeypatch):
