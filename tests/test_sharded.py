@@ -433,7 +433,7 @@ def test_deepspeed_checkpoints_write_whole_weights_and_leave_the_optimizer_to_de
     model, _ = random_model(seed=0, n_layers=1, d_model=32, n_heads=2, mlp_hidden_size=64)
     engine = _FakeEngine(model, stage)
     cfg = Config()
-    optimizer, scheduler = make_optimizer(list(model.parameters()), cfg.train, 10)
+    optimizer, scheduler = make_optimizer(list(model.parameters()), cfg, 10)
     path = save_checkpoint(tmp_path, 1, model=engine, optimizer=optimizer, scheduler=scheduler, config=cfg,
                            trainer_state={})
     assert engine.saved == [(str(tmp_path / ".tmp-checkpoint-1" / DEEPSPEED_DIR), "state")]
@@ -455,7 +455,7 @@ def test_deepspeed_zero3_checkpoint_needs_the_16bit_gather(tmp_path):
 
     model, _ = random_model(seed=0, n_layers=1, d_model=32, n_heads=2, mlp_hidden_size=64)
     cfg = Config()
-    optimizer, scheduler = make_optimizer(list(model.parameters()), cfg.train, 10)
+    optimizer, scheduler = make_optimizer(list(model.parameters()), cfg, 10)
     with pytest.raises(ConfigError, match="zero3_save_16bit_model"):
         save_checkpoint(tmp_path, 1, model=_FakeEngine(model, 3, gather_16bit=False), optimizer=optimizer,
                         scheduler=scheduler, config=cfg, trainer_state={})
