@@ -1,4 +1,4 @@
-"""A custom reward on a custom dataset with the built-in tiny model, on a CPU in about a minute.
+"""A custom reward on a custom dataset with the built-in tiny model, on a CPU in a few minutes.
 
     python examples/custom_reward_tiny.py [--out runs/example-custom] [--steps 20]
 
