@@ -4,7 +4,8 @@
 
 A resumed run repeats an uninterrupted one because each stream depends only on these four numbers,
 never on how many random numbers were drawn before. The coefficients are those the runs documented in
-docs/results.md were made with, so those runs stay reproducible; purposes never share a generator.
+docs/results.md were made with, so those runs stay reproducible. Three purposes (prompt_order, eval,
+sft_noise) share coefficients, so equal indices give equal seeds; each still gets its own generator.
 """
 
 from __future__ import annotations
