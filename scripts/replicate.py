@@ -41,6 +41,9 @@ VARIANTS: dict[str, list[str]] = {
     "egspo_sa": ["algorithm=egspo_sa"],
     "random": ["algorithm=egspo_sa", "step_selection=random"],
     "uniform": ["algorithm=egspo_sa", "step_selection=uniform"],
+    # issue #18: EGSPO-SA on the approximate (dual KV-cached) rollout, against egspo_sa (exact) from the same base
+    "egspo_sa_dual": ["algorithm=egspo_sa", "rollout_cache=dual"],
+    "egspo_sa_dual_refresh2": ["algorithm=egspo_sa", "rollout_cache=dual", "rollout_cache_refresh=2"],
 }
 
 

@@ -30,9 +30,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 logger = logging.getLogger("replication_report")
-ORDER = ["diffu_grpo", "diffu_grpo_low_lr", "egspo", "egspo_sa", "random", "uniform"]
-LABELS = {"diffu_grpo": "diffu-GRPO (d1)", "diffu_grpo_low_lr": "diffu-GRPO (d1), lr 1e-4", "egspo": "EGSPO (λ = 0)",
-          "egspo_sa": "EGSPO-SA (λ = 0.5)", "random": "EGSPO-SA, random steps", "uniform": "EGSPO-SA, uniform steps"}
+ORDER = ["diffu_grpo", "diffu_grpo_low_lr", "diffu_grpo_lr1e-4", "diffu_grpo_lr1e-3", "egspo", "egspo_sa",
+         "egspo_sa_dual", "egspo_sa_dual_refresh2", "random", "uniform"]
+LABELS = {"diffu_grpo": "diffu-GRPO (d1)", "diffu_grpo_low_lr": "diffu-GRPO (d1), lr 1e-4",
+          "diffu_grpo_lr1e-4": "diffu-GRPO (d1), lr 1e-4", "diffu_grpo_lr1e-3": "diffu-GRPO (d1), lr 1e-3",
+          "egspo": "EGSPO (λ = 0)", "egspo_sa": "EGSPO-SA (λ = 0.5)",
+          "egspo_sa_dual": "EGSPO-SA, dual-cached rollout",
+          "egspo_sa_dual_refresh2": "EGSPO-SA, dual cache refreshed every 2 steps",
+          "random": "EGSPO-SA, random steps", "uniform": "EGSPO-SA, uniform steps"}
+#: (approximate variant, exact variant) pairs whose gains are compared seed by seed (issue #18)
+CACHE_PAIRS = [("egspo_sa_dual", "egspo_sa"), ("egspo_sa_dual_refresh2", "egspo_sa")]
 
 
 COLORS = {variant: f"C{i}" for i, variant in enumerate(ORDER)}  # one colour per variant in every figure
@@ -70,6 +77,8 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         "best_reference": max(headline(e.get("reference", {})) for e in curve),
         "train_seconds": last["train_seconds"], "wall_seconds": last["seconds"],
         "reward_last10": statistics.fmean(r["reward/mean"] for r in rows[-10:]) if rows else float("nan"),
+        "old_logp_gap": statistics.fmean(r.get("approx/old_logp_gap", 0.0) for r in rows) if rows else float("nan"),
+        "capped_fraction": statistics.fmean(r.get("approx/capped_fraction", 0.0) for r in rows) if rows else 0.0,
         "curve": curve, "steps_histogram": hist,
     }
 
@@ -104,6 +113,37 @@ def table(task: str, runs: list[dict[str, Any]]) -> str:
             f"{statistics.fmean(r['train_seconds'] for r in group):.0f} | "
             f"{statistics.fmean(r['wall_seconds'] for r in group):.0f} |")
     return f"Task: {task}\n\n" + "\n".join(lines) + "\n"
+
+
+def cache_parity(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (approximate, exact) pair of :data:`CACHE_PAIRS`: each seed's reference gains, the mean gains and
+    their ratio (the approximate run's share of the exact run's gain), the mean |old log-prob gap| and the
+    training seconds of both."""
+    by_key = {(r["variant"], r["seed"]): r for r in runs}
+    out = []
+    for approx, exact in CACHE_PAIRS:
+        seeds = sorted(seed for (variant, seed) in by_key if variant == approx and (exact, seed) in by_key)
+        if not seeds:
+            continue
+        a = [by_key[(approx, s)] for s in seeds]
+        e = [by_key[(exact, s)] for s in seeds]
+        gain_a = statistics.fmean(r["gain_reference"] for r in a)
+        gain_e = statistics.fmean(r["gain_reference"] for r in e)
+        held_a = statistics.fmean(r["final_held_out"] - r["base_held_out"] for r in a)
+        held_e = statistics.fmean(r["final_held_out"] - r["base_held_out"] for r in e)
+        out.append({
+            "approximate": approx, "exact": exact, "seeds": seeds,
+            "gain_reference": {"approximate": [r["gain_reference"] for r in a],
+                               "exact": [r["gain_reference"] for r in e]},
+            "gain_held_out": {"approximate": [r["final_held_out"] - r["base_held_out"] for r in a],
+                              "exact": [r["final_held_out"] - r["base_held_out"] for r in e]},
+            "share_of_exact_gain_reference": gain_a / gain_e if gain_e else float("nan"),
+            "share_of_exact_gain_held_out": held_a / held_e if held_e else float("nan"),
+            "old_logp_gap": statistics.fmean(r["old_logp_gap"] for r in a),
+            "train_seconds": {"approximate": statistics.fmean(r["train_seconds"] for r in a),
+                              "exact": statistics.fmean(r["train_seconds"] for r in e)},
+        })
+    return out
 
 
 def plot_curves(task: str, runs: list[dict[str, Any]], path: Path) -> None:
@@ -161,6 +201,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/replication")
     parser.add_argument("--images", default="docs/images")
     parser.add_argument("--data", default="docs/data/replication")
+    parser.add_argument("--prefix", default="replication", help="file-name prefix of the figures")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     images, data = Path(args.images), Path(args.data)
@@ -175,9 +216,16 @@ def main() -> None:
         (data / f"{task}_runs.json").write_text(json.dumps(runs, indent=1))
         text = table(task, runs)
         (data / f"{task}_table.md").write_text(text)
-        plot_curves(task, runs, images / f"replication_{task}_curves.png")
-        plot_steps(task, runs, images / f"replication_{task}_steps.png")
+        plot_curves(task, runs, images / f"{args.prefix}_{task}_curves.png")
+        plot_steps(task, runs, images / f"{args.prefix}_{task}_steps.png")
         logger.info("%s\n%s", task, text)
+        parity = cache_parity(runs)
+        if parity:
+            (data / f"{task}_cache_parity.json").write_text(json.dumps(parity, indent=1))
+            for pair in parity:
+                logger.info("%s: %s reaches %.0f%% of %s's reference gain (%.0f%% held-out), old-logp gap %.3f",
+                            task, pair["approximate"], 100 * pair["share_of_exact_gain_reference"], pair["exact"],
+                            100 * pair["share_of_exact_gain_held_out"], pair["old_logp_gap"])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def test_trl_names():
                       num_iterations=2, temperature=1.0, logging_steps=2, save_total_limit=1, report_to=[],
                       max_prompt_length=64, gradient_accumulation_steps=1, p_mask_prompt=0.1, remasking="random")
     assert cfg.rollout_sampler() == SamplerConfig(gen_length=32, block_length=8, steps=8, temperature=1.0,
-                                                  remasking="random")
+                                                  remasking="random", merge_lora=True)  # use_peft's default
 
 
 def test_yaml_and_overrides_roundtrip(tmp_path):

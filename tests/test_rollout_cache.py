@@ -415,11 +415,13 @@ def test_cached_rollout_updates_start_from_the_exact_old_logps_of_the_rollout_po
         torch.testing.assert_close(old, exact[:, k].to(old.dtype))
 
 
+@pytest.mark.parametrize("merge", [False, True])
 def test_compiled_rollout_module_follows_the_model_and_never_runs_the_reference(
-        micro_model, prompts_file, tmp_path):
+        micro_model, prompts_file, tmp_path, merge):
     """The compiled module belongs to one model object: a DiffusionLM with another model (as after
     ``accelerator.prepare``) compiles its own. In training, only rollouts run it: the KL reference
-    (LoRA: the same model with the adapter disabled) and the updates run the plain module."""
+    (LoRA: the same model with the adapter disabled) and the updates run the plain module. With
+    ``merge_lora_rollout`` the compiled module is the merged copy's (the view :meth:`for_rollout` returns)."""
     import contextlib
     import dataclasses
 
@@ -434,10 +436,12 @@ def test_compiled_rollout_module_follows_the_model_and_never_runs_the_reference(
     assert other.compiled_model(backend="eager")._orig_mod is dlm.model
 
     cfg = make_config(micro_model, prompts_file, tmp_path / "run", "max_steps=1", "compile_rollout=true",
-                      "use_peft=true", "lora_r=4", "lora_alpha=8", "beta=0.04")
+                      "use_peft=true", "lora_r=4", "lora_alpha=8", "beta=0.04", f"merge_lora_rollout={merge}")
     trainer = EGSPOTrainer(args=cfg)
     runs: list[int] = []
-    _eager_compiled(trainer.dlm, runs)
+    rollout_dlm = trainer.dlm.for_rollout(merge)
+    assert (rollout_dlm is not trainer.dlm) == merge
+    _eager_compiled(rollout_dlm, runs)
     phases: dict[str, int] = {}
     original_reference, original_update = trainer.dlm.reference_model, trainer._update_egspo
 

@@ -165,10 +165,15 @@ class SamplerConfig:
     cache: RolloutCache = "none"
     #: Run the rollout forwards through torch.compile(model, dynamic=False).
     compile: bool = False
+    #: Cached modes: remake the cache with an exact forward every N steps inside a block (0: at block starts only).
+    cache_refresh: int = 0
+    #: A LoRA model's rollout runs on a merged copy of the weights (egspo.models.merged).
+    merge_lora: bool = False
 
     def __post_init__(self) -> None:
         _check_choices(self)
         check_sampler_settings(self.gen_length, self.block_length, self.steps, self.temperature)
+        _positive("cache_refresh", self.cache_refresh, allow_zero=True)
 
     @property
     def num_blocks(self) -> int:
@@ -304,9 +309,17 @@ class EGSPOConfig:
     importance_weight_cap: float = _f(
         2.0, "Cached rollouts: the truncated importance weight min(exp(logp_exact - logp_rollout), cap) that "
         "multiplies each selected step's loss (docs/algorithm.md#approximate-rollouts); 0 switches the weight off.")
+    rollout_cache_refresh: int = _f(
+        0, "Cached rollouts: remake the KV cache with an exact forward every N denoising steps inside a block (0: "
+        "only at each block's first step). Smaller N: closer to the exact rollout, slower "
+        "(docs/algorithm.md#approximate-rollouts).")
     compile_rollout: bool = _f(
         False, "Run the rollout forwards through torch.compile(model, dynamic=False), compiled once per shape.",
         legacy="sampler.compile")
+    merge_lora_rollout: bool = _f(
+        True, "With LoRA, roll out on a merged copy of the weights (W + s*B*A, refreshed after every optimizer step; "
+        "the training weights untouched): the rollout costs what the base model costs, for one extra copy of the "
+        "adapted weights. Not applied to quantised or sharded models (docs/algorithm.md#merged-lora-rollouts).")
 
     # -- algorithm --------------------------------------------------------------------------------
     algorithm: Algorithm = _f(
@@ -455,8 +468,11 @@ class EGSPOConfig:
                 f"num_generations={self.num_generations}: a group baseline needs at least 2 rollouts per prompt.")
         for name in ("num_selected_steps", "steps_per_microbatch", "num_iterations"):
             _positive(name, getattr(self, name))
-        for name in ("beta", "epsilon", "epsilon_high", "importance_weight_cap"):
+        for name in ("beta", "epsilon", "epsilon_high", "importance_weight_cap", "rollout_cache_refresh"):
             _positive(name, getattr(self, name), allow_zero=True)
+        if self.rollout_cache == "none" and self.rollout_cache_refresh:
+            warnings.warn(f"rollout_cache_refresh={self.rollout_cache_refresh} has no effect with rollout_cache=none "
+                          "(the exact rollout has no cache).", UserWarning, stacklevel=4)
         if not 0 < self.adaptive_alpha <= 1:
             raise ConfigError(f"adaptive_alpha={self.adaptive_alpha} must be in (0, 1].")
         if not 0 <= self.p_mask_prompt < 1:
@@ -521,7 +537,8 @@ class EGSPOConfig:
         return SamplerConfig(
             gen_length=self.max_completion_length, block_length=self.block_length, steps=self.diffusion_steps,
             temperature=self.temperature, remasking=self.remasking, stop_at_eos=self.stop_at_eos,
-            cache=self.rollout_cache, compile=self.compile_rollout,
+            cache=self.rollout_cache, compile=self.compile_rollout, cache_refresh=self.rollout_cache_refresh,
+            merge_lora=self.merge_lora_rollout and self.use_peft,
         )
 
     def eval_config(self) -> EvalConfig:

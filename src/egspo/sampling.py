@@ -28,7 +28,10 @@ the candidates, log-probs and entropies of the block, and the greedy completion,
 block comes from this step's features (``prefix``) or, for ``dual``, from the block-start forward
 (stale: the suffix is not recomputed within a block, so it is taken once per block). The recorded
 log-probs are therefore not the exact model's; the trainer recomputes those of the selected steps.
-``config.compile`` runs the forwards through :meth:`DiffusionLM.compiled_model`.
+``config.cache_refresh`` = N remakes the cache with a full (exact) forward every N steps of a block
+(1: every step, i.e. the exact rollout). ``config.compile`` runs the forwards through
+:meth:`DiffusionLM.compiled_model`; ``config.merge_lora`` runs a LoRA model's rollout on its merged
+copy (:meth:`DiffusionLM.for_rollout`).
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def sample(
             f"rollout_cache={config.cache!r} needs the native LLaDA or Dream models (egspo.models); this "
             f"model ({type(dlm.core).__name__}) goes through the generic adapter: use rollout_cache=none."
         )
+    dlm = dlm.for_rollout(config.merge_lora)  # a LoRA model's merged copy (docs/algorithm.md#merged-lora-rollouts)
     model = _rollout_model(dlm, config)
 
     schedule = transfer_schedule(config).to(device)
@@ -147,8 +151,10 @@ def sample(
             mask_a = None if attention_mask is None else (attention_mask if everyone else attention_mask[active])
             cache: KVCache | None = None
             stale_tail: torch.Tensor | None = None  # dual: greedy tokens after the block, from the block start
-            for _ in range(config.steps_per_block):
+            for i in range(config.steps_per_block):
                 step = _Step(t, lo, hi, counts[t])
+                if config.cache_refresh and i % config.cache_refresh == 0:  # remade by an exact forward
+                    cache = stale_tail = None
                 if done.any():
                     _force_end(record, done, step, dlm.eos_id)
                 if active.numel():

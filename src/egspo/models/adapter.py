@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from egspo.models.kv_cache import KVCache, LayerKV
+from egspo.models.merged import MergedLoRA, merge_blocker
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -101,6 +102,10 @@ class DiffusionLM:
     # by dataclasses.replace, whose new model needs its own.
     _compiled: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
     _compiled_source: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
+    # the merged LoRA copy for rollouts (:meth:`for_rollout`), made on first use for ``_merged_source``
+    _merged: MergedLoRA | None = field(default=None, init=False, repr=False, compare=False)
+    _merged_view: DiffusionLM | None = field(default=None, init=False, repr=False, compare=False)
+    _merged_source: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def core(self) -> nn.Module:
@@ -207,6 +212,29 @@ class DiffusionLM:
             self._compiled = cast(nn.Module, torch.compile(self.model, dynamic=False, backend=backend))
             self._compiled_source = self.model
         return self._compiled
+
+    def for_rollout(self, merge_lora: bool) -> DiffusionLM:
+        """The model a rollout runs: ``self``, or with ``merge_lora`` and a mergeable LoRA model a view whose
+        model is the merged copy (:class:`~egspo.models.merged.MergedLoRA`), synced to the current adapter.
+
+        Not merged (and ``self`` returned): full fine-tuning, a sharded model (FSDP / ZeRO-3), and LoRA layers
+        that cannot be merged (a quantised base, DoRA), said once in the log."""
+        if not merge_lora or _find_peft(self.model) is None or self.sharded:
+            return self
+        if self._merged_source is not self.model:
+            self._merged_source = self.model
+            self._merged = self._merged_view = None
+            blocker = merge_blocker(self.core)
+            if blocker is not None:
+                logger.info("Rollouts run through the LoRA adapter (not merged): %s.", blocker)
+            else:
+                self._merged = MergedLoRA(self.core)
+                self._merged_view = DiffusionLM(model=self._merged.module, mask_id=self.mask_id,
+                                                stop_ids=self.stop_ids, shift=self.shift, native=self.native)
+        if self._merged is None or self._merged_view is None:
+            return self
+        self._merged.sync()
+        return self._merged_view
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:

@@ -276,6 +276,8 @@ class EGSPOTrainer(RLSteps):
             core_config.to_dict() if core_config is not None else read_model_config(self.model_id), peft_config, bits)
         if self.memory_plan is not None:
             model_cfg = dataclasses.replace(model_cfg, gradient_checkpointing=self.memory_plan.gradient_checkpointing)
+            if self.sampler_cfg.merge_lora and not self.memory_plan.merge_lora_rollout:
+                self.sampler_cfg = dataclasses.replace(self.sampler_cfg, merge_lora=False)
         if module is not None:
             tokenizer = processing_class or load_tokenizer(model_cfg)
             # a quantised model was placed when it was loaded (bitsandbytes models are not moved)
