@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sft", help="Masked-diffusion SFT on a task's reference completions or a prompt/completion jsonl.",
         description="Completion-only masked-diffusion SFT (LLaDA/d1 recipe). Uses the model, data and training fields "
-        "of the config (max_completion_length = padded completion length); same checkpoints and --resume.",
+        "of the config (max_completion_length = padded completion length); the same checkpoints, --resume and "
+        "SIGTERM/Ctrl-C handling as train (checkpoint, exit status 130/143).",
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="Continue from the newest intact checkpoint in output_dir.")
@@ -408,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except KeyboardInterrupt as exc:
-        from egspo.rl.trainer import TrainingInterrupted
+        from egspo.run_lifecycle import TrainingInterrupted
 
         if isinstance(exc, TrainingInterrupted):
             logger.warning("Interrupted at step %d; checkpoint saved. Resume with the same command and --resume.",

@@ -1,5 +1,6 @@
 """What every training command sets up the same way: the accelerator, the run directory, the optimizer,
-``prepare`` (with what DeepSpeed needs told), the KL reference's preparation and gradient clipping."""
+``prepare`` (with what DeepSpeed needs told), the KL reference's preparation, gradient clipping and the
+optimizer step. The run's life cycle around the steps is :mod:`egspo.run_lifecycle`."""
 
 from __future__ import annotations
 
@@ -122,3 +123,19 @@ def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: f
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
     return float(norm)
+
+
+def optimizer_step(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any, max_grad_norm: float
+) -> float | None:
+    """End of an accumulation cycle: clip (unless ``max_grad_norm`` is 0), step the optimizer and the
+    schedule, drop the gradients. Call it after every backward inside ``accelerator.accumulate``: between
+    cycles (``accelerator.sync_gradients`` false) it does nothing. Returns the gradient norm before
+    clipping, None when nothing was clipped or the norm is not known (see :func:`clip_gradients`)."""
+    if not accelerator.sync_gradients:
+        return None
+    norm = clip_gradients(accelerator, model, max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

@@ -10,6 +10,14 @@ end tokens, which is what the sampler asks of it.
 
 Data: a task's training rows (with the task's reference completion), or a user's jsonl whose rows
 carry ``prompt`` and ``completion`` strings.
+
+The run's life cycle is RL's (:mod:`egspo.run_lifecycle`): the launch check, a fresh start refused
+over an old run's checkpoints, ``--resume`` from the newest intact checkpoint (a warning and a fresh
+start when there is none), config.yaml and metrics.jsonl, checkpoints every ``save_steps`` and at the
+end, SIGINT/SIGTERM finishing the step, saving a checkpoint and raising
+:class:`~egspo.run_lifecycle.TrainingInterrupted` (``egspo sft`` exits 130/143), and a failed start
+removing the directory it created. The examples and masks of a step depend only on (seed, step), so
+a resumed run equals the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +32,14 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from egspo.checkpoint import (
-    check_fresh_or_resume,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
-from egspo.config import ConfigError, EGSPOConfig, save_config
+from egspo.config import ConfigError, EGSPOConfig
+from egspo.models.adapter import DiffusionLM
 from egspo.models.loading import load_model
 from egspo.models.lora import prepare_for_training
 from egspo.rl.batching import encode_prompts
 from egspo.rl.data import prompt_text
-from egspo.rl.metrics import MetricsWriter
-from egspo.run_setup import (
-    check_output_dir,
-    clip_gradients,
-    make_accelerator,
-    make_optimizer,
-    prepare_model_and_optimizer,
-)
+from egspo.run_lifecycle import RunLifecycle, StopFlag, TrainingInterrupted
+from egspo.run_setup import make_accelerator, make_optimizer, optimizer_step, prepare_model_and_optimizer
 from egspo.seeding import stream
 from egspo.tasks import get_task
 
@@ -125,87 +120,80 @@ def masked_diffusion_loss(
     return (weighted.sum(1) / targets.shape[1]).mean()
 
 
-def sft(cfg: EGSPOConfig, resume: bool = False) -> Path:
-    """Run masked-diffusion SFT; returns the run directory (final weights in its last checkpoint). A run
-    that fails before its first checkpoint removes the output directory it created."""
-    run_dir = Path(cfg.output_dir)
-    created = not run_dir.exists()
-    try:
-        return _sft(cfg, resume)
-    except BaseException:
-        if created and not list_checkpoints(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+def sft(cfg: EGSPOConfig, resume: bool | str | Path = False) -> Path:
+    """Run masked-diffusion SFT; returns the run directory (final weights in its last checkpoint).
 
-
-def _sft(cfg: EGSPOConfig, resume: bool) -> Path:
-    run_dir = Path(cfg.output_dir)
+    ``resume`` True continues from the newest intact checkpoint of output_dir (from scratch, with a
+    warning, when there is none), a checkpoint directory from that one. SIGINT/SIGTERM save a
+    checkpoint after the current step and raise :class:`TrainingInterrupted`. A run that fails before
+    its first checkpoint removes the output directory it created.
+    """
     acc = make_accelerator(cfg)
-    check_output_dir(run_dir)
-    check_fresh_or_resume(run_dir, resume)
-    set_seed(cfg.seed)
-    dlm, tokenizer = load_model(cfg.model_config(), device=acc.device)
-    dlm = prepare_for_training(dlm, cfg.model_config(), need_reference=False)
-    model = dlm.model
-    pairs = sft_pairs(cfg, tokenizer)
-    data = SFTData.encode(tokenizer, pairs, cfg.max_prompt_length, cfg.max_completion_length, dlm.eos_id)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, cfg, cfg.max_steps)
-    model, optimizer = prepare_model_and_optimizer(acc, model, optimizer, cfg)
-    start = 0
-    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                process_index=acc.process_index)["step"]
-    if acc.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=acc.is_main_process, truncate_after=start)
+    run = RunLifecycle(cfg, acc)
+    with run.opened(resume) as ckpt:
+        set_seed(cfg.seed)
+        dlm, tokenizer = load_model(cfg.model_config(), device=acc.device)
+        dlm = prepare_for_training(dlm, cfg.model_config(), need_reference=False)
+        pairs = sft_pairs(cfg, tokenizer)
+        data = SFTData.encode(tokenizer, pairs, cfg.max_prompt_length, cfg.max_completion_length, dlm.eos_id)
+        params = [p for p in dlm.model.parameters() if p.requires_grad]
+        optimizer, scheduler = make_optimizer(params, cfg, cfg.max_steps)
+        model, optimizer = prepare_model_and_optimizer(acc, dlm.model, optimizer, cfg)
+        start = 0
+        if ckpt is not None:
+            start = run.load(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+        if not run.finished(start):
+            _train(run, dataclasses.replace(dlm, model=model), optimizer, scheduler, tokenizer, data, start)
+    return run.run_dir
 
+
+def _train(run: RunLifecycle, dlm: DiffusionLM, optimizer: Any, scheduler: Any, tokenizer: Any, data: SFTData,
+           start: int) -> None:
+    """Steps ``start`` to ``max_steps`` of the prepared ``dlm.model``: log, save, stop on a signal."""
+    cfg, acc, model = run.cfg, run.accelerator, dlm.model
+    metrics = run.begin(start)
     batch = cfg.per_device_train_batch_size
     global_batch = batch * acc.num_processes
     gen_len = cfg.max_completion_length
-    runner = dataclasses.replace(dlm, model=model)
     bar = tqdm(total=cfg.max_steps, initial=start, desc="egspo sft", disable=not acc.is_main_process)
     model.train()
-    for step in range(start, cfg.max_steps):
-        total = 0.0
-        for micro in range(cfg.gradient_accumulation_steps):
-            # examples and masks of (step, micro) depend only on the seed: resume repeats them exactly
-            index = (step * cfg.gradient_accumulation_steps + micro) * global_batch
-            gen = stream("sft_noise", cfg.seed, index)
-            epoch = index // len(data)
-            order = torch.randperm(len(data), generator=stream("sft_order", cfg.seed, epoch))
-            picks = order[(index + acc.process_index * batch + torch.arange(batch)) % len(data)]
-            ids, mask, targets = data.batch(picks, acc.device)
-            t = torch.rand(batch, generator=gen) * (1 - MIN_MASK_PROB) + MIN_MASK_PROB
-            masked = (torch.rand(batch, gen_len, generator=gen) < t.unsqueeze(1)).to(acc.device)
-            noisy = torch.where(masked, torch.full_like(targets, dlm.mask_id), targets)
-            inputs = torch.cat([ids, noisy], dim=1)
-            attention = torch.cat([mask, torch.ones_like(noisy)], dim=1)
-            positions = torch.arange(ids.shape[1], inputs.shape[1], device=acc.device)
-            with acc.accumulate(model), acc.autocast():
-                logits = runner.logits(inputs, attention, positions)
-                loss = masked_diffusion_loss(logits, targets, masked, t.to(acc.device))
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    if cfg.max_grad_norm > 0:
-                        clip_gradients(acc, model, cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach())
-        avg = float(acc.reduce(torch.tensor(total / cfg.gradient_accumulation_steps, device=acc.device),
-                               reduction="mean"))
-        done = step + 1
-        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-            metrics.write({"step": done, "loss": avg, "lr": scheduler.get_last_lr()[0]})
-        bar.update(1)
-        bar.set_postfix(loss=f"{avg:.4f}")
-        if done == cfg.max_steps or (cfg.save_steps and done % cfg.save_steps == 0):
-            save_checkpoint(run_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, config=cfg,
-                            trainer_state={"examples_seen": done * cfg.gradient_accumulation_steps * global_batch},
-                            process_index=acc.process_index, num_processes=acc.num_processes,
-                            wait=acc.wait_for_everyone, keep_last=cfg.save_total_limit, tokenizer=tokenizer)
-        if math.isnan(avg):
-            raise RuntimeError(f"SFT loss became NaN at step {done}; lower learning_rate.")
+    with StopFlag() as stop:
+        for step in range(start, cfg.max_steps):
+            total = 0.0
+            for micro in range(cfg.gradient_accumulation_steps):
+                # examples and masks of (step, micro) depend only on the seed: resume repeats them exactly
+                index = (step * cfg.gradient_accumulation_steps + micro) * global_batch
+                gen = stream("sft_noise", cfg.seed, index)
+                epoch = index // len(data)
+                order = torch.randperm(len(data), generator=stream("sft_order", cfg.seed, epoch))
+                picks = order[(index + acc.process_index * batch + torch.arange(batch)) % len(data)]
+                ids, mask, targets = data.batch(picks, acc.device)
+                t = torch.rand(batch, generator=gen) * (1 - MIN_MASK_PROB) + MIN_MASK_PROB
+                masked = (torch.rand(batch, gen_len, generator=gen) < t.unsqueeze(1)).to(acc.device)
+                noisy = torch.where(masked, torch.full_like(targets, dlm.mask_id), targets)
+                inputs = torch.cat([ids, noisy], dim=1)
+                attention = torch.cat([mask, torch.ones_like(noisy)], dim=1)
+                positions = torch.arange(ids.shape[1], inputs.shape[1], device=acc.device)
+                with acc.accumulate(model), acc.autocast():
+                    logits = dlm.logits(inputs, attention, positions)
+                    loss = masked_diffusion_loss(logits, targets, masked, t.to(acc.device))
+                    acc.backward(loss)
+                    optimizer_step(acc, model, optimizer, scheduler, cfg.max_grad_norm)
+                total += float(loss.detach())
+            avg = float(acc.reduce(torch.tensor(total / cfg.gradient_accumulation_steps, device=acc.device),
+                                   reduction="mean"))
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+                metrics.write({"step": done, "loss": avg, "lr": scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{avg:.4f}")
+            signum = stop.agreed(acc)  # every process stops at the same step
+            if run.checkpoint_due(done, bool(signum)):
+                run.save(done, model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer,
+                         trainer_state={"examples_seen": done * cfg.gradient_accumulation_steps * global_batch})
+            if math.isnan(avg):
+                raise RuntimeError(f"SFT loss became NaN at step {done}; lower learning_rate.")
+            if signum:
+                bar.close()
+                raise TrainingInterrupted(signum, done, run.run_dir)
     bar.close()
-    return run_dir

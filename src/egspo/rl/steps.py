@@ -31,7 +31,7 @@ from egspo.rl.metrics import step_histogram
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
 from egspo.rl.tracking import sample_rows
-from egspo.run_setup import clip_gradients
+from egspo.run_setup import optimizer_step
 from egspo.sampling import sample
 from egspo.seeding import stream
 from egspo.tasks import Task
@@ -383,16 +383,10 @@ class RLSteps:
     # -- shared -------------------------------------------------------------------------------------
 
     def _optimizer_step(self, sums: dict[str, float]) -> None:
-        acc = self.accelerator
-        if acc.sync_gradients:
-            if self.args.max_grad_norm > 0:
-                norm = clip_gradients(acc, self.dlm.model, self.args.max_grad_norm)
-                if norm is not None:
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
-                    sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(self.accelerator, self.dlm.model, self.optimizer, self.scheduler, self.args.max_grad_norm)
+        if norm is not None:
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
+            sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         if not values:

@@ -18,7 +18,9 @@ denoising steps per rollout (micro-batch k = the k-th selected step of every row
 d1's schedule: a step generates ``gradient_accumulation_steps`` rollout batches, then makes
 ``num_iterations`` optimizer steps, each accumulating every batch (iteration i with mask seed i).
 Randomness of step ``s`` is seeded from (seed, s, process), so a resumed run repeats the
-uninterrupted one (docs/algorithm.md).
+uninterrupted one (docs/algorithm.md). The run's life cycle (launch check, fresh or resumed start,
+config and metrics files, checkpoints, SIGINT/SIGTERM, clean-up of a failed start) is
+:mod:`egspo.run_lifecycle`, shared with SFT.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +39,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from egspo.checkpoint import (
-    check_fresh_or_resume,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
-from egspo.config import ConfigError, EGSPOConfig, ModelConfig, save_config
+from egspo.config import ConfigError, EGSPOConfig, ModelConfig
 from egspo.evaluate import evaluate_rows, get_task_or_fail
 from egspo.memory import MemoryPlan, plan_memory
 from egspo.models.adapter import DiffusionLM, unwrap
@@ -64,13 +56,12 @@ from egspo.models.lora import prepare_for_training
 from egspo.rl.batching import PromptStream
 from egspo.rl.callbacks import CallbackHandler
 from egspo.rl.data import check_prompts, dataset_rows, is_conversational, prompt_text, reward_prompt
-from egspo.rl.distributed import check_launch
-from egspo.rl.metrics import MetricsWriter, read_metrics
+from egspo.rl.metrics import read_metrics
 from egspo.rl.rewards import RewardScorer
 from egspo.rl.steps import RLSteps
 from egspo.rl.tracking import log_samples
+from egspo.run_lifecycle import RunLifecycle, StopFlag, TrainingInterrupted, check_writable_target
 from egspo.run_setup import (
-    check_output_dir,
     make_accelerator,
     make_optimizer,
     prepare_model_and_optimizer,
@@ -82,14 +73,6 @@ from egspo.tasks.base import side_by_side_metrics
 logger = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT/SIGTERM after saving a checkpoint; ``signum`` says which signal."""
-
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
-        super().__init__(f"stopped at step {step} by signal {signum}; checkpoint saved in {run_dir}")
-        self.signum, self.step, self.run_dir = signum, step, run_dir
-
-
 @dataclass
 class TrainOutput:
     """What ``train()`` returns: the last step, its metrics and the run directory."""
@@ -99,52 +82,11 @@ class TrainOutput:
     run_dir: Path
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and stops. A second signal
-    stops at once (KeyboardInterrupt, no checkpoint)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"second signal {signum}: stopping now, without a checkpoint")
-        logger.warning("Received signal %d: finishing this step, saving a checkpoint and stopping "
-                       "(send it again to stop at once).", signum)
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _check_rows(rows: list[dict[str, Any]], fields: tuple[str, ...], where: str) -> None:
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
         if missing:
             raise ConfigError(f"{where}: row {i} lacks column(s) {missing} that the task's rewards need.")
-
-
-def _writable_target(path: Path) -> None:
-    """Refuse an output_dir that cannot be created or written, without creating it (nothing half-made)."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"output_dir={str(path)!r} is not writable: {probe} is a file.")
-    import os
-
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir={str(path)!r} is not writable: no write permission in {probe}.")
 
 
 class EGSPOTrainer(RLSteps):
@@ -188,7 +130,7 @@ class EGSPOTrainer(RLSteps):
         self.run_dir = Path(cfg.output_dir)
         self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
-        check_launch(acc.num_processes)
+        self._run = RunLifecycle(cfg, acc)  # the launch check
         cfg.validate(num_processes=acc.num_processes)
         updates = cfg.updates_per_rollout  # micro-batches (backward passes) per training step
         if cfg.step_selection != "adaptive" and updates % cfg.gradient_accumulation_steps:
@@ -196,7 +138,7 @@ class EGSPOTrainer(RLSteps):
                 "%d micro-batches per rollout batch is not a multiple of gradient_accumulation_steps=%d: each batch's "
                 "last optimizer step is completed with zero-weight micro-batches (no gradient carries over, but "
                 "their forwards cost time); a multiple is faster.", updates, cfg.gradient_accumulation_steps)
-        _writable_target(self.run_dir)
+        check_writable_target(self.run_dir)
         set_seed(cfg.seed)
         self.sampler_cfg = cfg.rollout_sampler()
 
@@ -340,13 +282,11 @@ class EGSPOTrainer(RLSteps):
     # -- checkpoints, evaluation, the loop --------------------------------------------------------
 
     def _save(self, step: int) -> Path:
-        acc = self.accelerator
-        path = save_checkpoint(
-            self.run_dir, step, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            config=self.args, trainer_state={"data_position": step * self.stream.prompts_per_step,
-                                             "best": None if self.best is None else [self.best[0], self.best[1].name]},
-            process_index=acc.process_index, num_processes=acc.num_processes, wait=acc.wait_for_everyone,
-            keep_last=self.args.save_total_limit, tokenizer=self.processing_class,
+        path = self._run.save(
+            step, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            tokenizer=self.processing_class,
+            trainer_state={"data_position": step * self.stream.prompts_per_step,
+                           "best": None if self.best is None else [self.best[0], self.best[1].name]},
             protect=None if self.best is None else self.best[1],
         )
         self.callbacks("on_save", trainer=self, checkpoint=path)
@@ -408,57 +348,27 @@ class EGSPOTrainer(RLSteps):
                 return metrics[key]
         return next(v for k, v in sorted(metrics.items()) if k.startswith("eval_reward"))
 
-    def _resume_point(self, resume_from_checkpoint: bool | str | Path | None) -> Path | None:
-        if not resume_from_checkpoint:
-            check_fresh_or_resume(self.run_dir, resume=False)
-            return None
-        if resume_from_checkpoint is True:
-            ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is None:
-                logger.warning("resume_from_checkpoint: no checkpoint in %s, starting from scratch.", self.run_dir)
-            return ckpt
-        path = Path(resume_from_checkpoint)
-        if not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint directory "
-                              "(no trainer_state.json).")
-        verify_checkpoint(path)  # a named checkpoint is never swapped for another: damaged is an error
-        return path
-
     def train(self, resume_from_checkpoint: bool | str | Path | None = None) -> TrainOutput:
         """Train to ``max_steps``; ``resume_from_checkpoint`` True (the newest intact checkpoint of
         output_dir) or a checkpoint directory continues a run exactly. SIGINT/SIGTERM save a checkpoint
-        and raise :class:`TrainingInterrupted`. A run that fails before its first step removes the
+        and raise :class:`TrainingInterrupted`. A run that fails before its first checkpoint removes the
         output directory it created."""
         cfg, acc = self.args, self.accelerator
-        ckpt = self._resume_point(resume_from_checkpoint)
-        created = not self.run_dir.exists()
-        check_output_dir(self.run_dir)
         step = self.start_step
-        metrics: dict[str, Any] = {}
-        try:
+        with self._run.opened(resume_from_checkpoint) as ckpt:
             if ckpt is not None:
-                state = load_checkpoint(ckpt, model=self.dlm.model, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, process_index=acc.process_index)
+                state = self._run.load(ckpt, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler)
                 step = self.start_step = state["step"]
                 if state.get("best"):
                     self.best = (state["best"][0], self.run_dir / state["best"][1])
-            if step >= cfg.max_steps:
-                logger.info("%s already finished (step %d of max_steps=%d): nothing to do.", self.run_dir, step,
-                            cfg.max_steps)
+            if self._run.finished(step):
                 return TrainOutput(step, {}, self.run_dir)
-            if acc.is_main_process:
-                save_config(cfg, self.run_dir / "config.yaml")
-            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process,
-                                         truncate_after=step)
+            self.metrics = self._run.begin(step)
             if cfg.report_to:
                 acc.init_trackers("egspo", config=_flat(cfg.to_dict()))
             self.callbacks.state.global_step = step
             self.callbacks("on_train_begin", trainer=self)
             step, metrics = self._loop(step)
-        except BaseException:
-            if created and step == self.start_step and acc.is_main_process and not list_checkpoints(self.run_dir):
-                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing half-made
-            raise
         return TrainOutput(step, metrics, self.run_dir)
 
     def _loop(self, step: int) -> tuple[int, dict[str, Any]]:
@@ -467,7 +377,7 @@ class EGSPOTrainer(RLSteps):
                    dynamic_ncols=True)
         eval_every = cfg.eval_steps or cfg.save_steps or cfg.max_steps
         metrics: dict[str, Any] = {}
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while step < cfg.max_steps:
                 self.callbacks("on_step_begin", trainer=self)
                 metrics = self.step(step)
@@ -489,12 +399,10 @@ class EGSPOTrainer(RLSteps):
                     postfix["acc"] = f"{metrics['accuracy']:.1f}"
                 bar.set_postfix(postfix)
                 control = self.callbacks("on_step_end", trainer=self)
-                signum = stop.signum if stop.signum is not None else 0
-                stopping = bool(self._gather(torch.tensor([float(signum)])).max()) or control.should_training_stop
+                stopping = bool(stop.agreed(acc)) or control.should_training_stop
                 better = evaluating and cfg.load_best_model_at_end and (
                     self.best is None or self._eval_score(metrics) > self.best[0])
-                if (stopping or step == cfg.max_steps or better or control.should_save
-                        or (cfg.save_steps and step % cfg.save_steps == 0)):
+                if self._run.checkpoint_due(step, stopping, better, control.should_save):
                     path = self._save(step)
                     if better:
                         self.best = (self._eval_score(metrics), path)
@@ -512,8 +420,7 @@ class EGSPOTrainer(RLSteps):
         cfg, acc = self.args, self.accelerator
         if cfg.load_best_model_at_end and self.best is not None:
             logger.info("Loading the best checkpoint %s (eval %.3f).", self.best[1], self.best[0])
-            load_checkpoint(self.best[1], model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                            process_index=acc.process_index)
+            self._run.load(self.best[1], model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler)
         acc.wait_for_everyone()
         if acc.is_main_process:
             from egspo.report import write_run_report
