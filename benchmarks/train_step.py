@@ -9,7 +9,8 @@ Runs the library's own pieces in the trainer's order: rollout (the sampler with 
 model's rollout on its merged copy unless ``--no-merge``, resynced after the previous mode's optimizer
 steps, as in training), step selection + greedy-completion scoring (a vectorised stand-in reward: the real
 cost of a task's reward function is the task's), for a cached mode the exact forwards of the selected
-steps that the trainer runs (``exact_step_outputs``: old log-probs and greedy completions), reference
+steps that the trainer runs (``exact_step_outputs`` through the rollout's module: old log-probs and greedy
+completions), reference
 log-probs (adapter disabled), K micro-batch updates (forward + backward of one selected step for all
 rows, LM head only at the committed positions) and the AdamW steps.
 
@@ -38,7 +39,7 @@ from egspo.rl.advantages import stepwise_advantages  # noqa: E402
 from egspo.rl.estimators import action_logps, exact_step_outputs  # noqa: E402
 from egspo.rl.losses import egspo_step_loss  # noqa: E402
 from egspo.rl.selection import select_steps  # noqa: E402
-from egspo.sampling import sample  # noqa: E402
+from egspo.sampling import rollout_module, sample  # noqa: E402
 
 
 def parse_mode(mode: str) -> tuple[str, int]:
@@ -108,6 +109,9 @@ def one_step(args: argparse.Namespace, dlm: DiffusionLM, optimizer: torch.optim.
         torch.cuda.reset_peak_memory_stats()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    rollout_dlm = dlm.for_rollout(cfg.merge_lora)  # resyncs the merged copy after the last optimizer steps
+    sync()
+    merge_sync = time.perf_counter() - t0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         # the trainer records greedy completions only for the exact rollout (a cached one recomputes them)
         traj = sample(dlm, prompts, cfg, generator=gen, record_greedy=cache == "none")
@@ -125,8 +129,11 @@ def one_step(args: argparse.Namespace, dlm: DiffusionLM, optimizer: torch.optim.
     if cache != "none":
         # the trainer's correction of an approximate rollout: one exact forward per slot, eval mode, no grad
         t0 = time.perf_counter()
-        with torch.no_grad(), dlm.evaluating(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            outputs = [exact_step_outputs(dlm, traj, steps_sel[:, k]) for k in range(steps_sel.shape[1])]
+        model = rollout_module(rollout_dlm, cfg)  # the rollout's policy (merged, compiled), without the cache
+        with torch.no_grad(), rollout_dlm.evaluating(), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            outputs = [exact_step_outputs(rollout_dlm, traj, steps_sel[:, k], model=model)
+                       for k in range(steps_sel.shape[1])]
         exact = torch.stack([logp.float() for logp, _ in outputs], dim=1)
         greedy = torch.stack([tokens for _, tokens in outputs], dim=1)
         is_weights = (exact - old_logps.float()).exp().clamp(max=2.0)
@@ -195,6 +202,7 @@ def one_step(args: argparse.Namespace, dlm: DiffusionLM, optimizer: torch.optim.
         "cache": cache, "cache_refresh": refresh, "compile": args.compile, "merge_lora": not args.no_merge,
         "prompt_len": args.prompt_len, "gen_length": args.gen_length, "block": args.block, "steps": args.steps,
         "seconds": {name: round(v, 4) for name, v in timings.items()},
+        "rollout_merge_sync_s": round(merge_sync, 4),  # part of "rollout"
         "seconds_total": round(total, 3),
         "tflops": {name: round(flops[name] / timings[name] / 1e12, 1) for name in flops},
         "mfu": {name: round(flops[name] / timings[name] / 1e12 / peak, 4) for name in flops},

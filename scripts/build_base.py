@@ -128,7 +128,8 @@ def main() -> None:
             proc.wait()
             sft_seconds = time.perf_counter() - start
         shutil.rmtree(staging, ignore_errors=True)
-    failed = proc.returncode not in (0, -signal.SIGTERM) and chosen is None
+    # 143: egspo sft stopped by our SIGTERM after saving a checkpoint (its exit code for SIGTERM)
+    failed = proc.returncode not in (0, 143, -signal.SIGTERM) and chosen is None
     (out / "selection.json").write_text(json.dumps(  # also when SFT failed: keeps what was evaluated
         {"config": args.config, "sft_seconds": sft_seconds, "sft_exit_code": proc.returncode, "device": device,
          "metric": metric, "target": [low, high], "chosen": chosen, "checkpoints": results}, indent=2))

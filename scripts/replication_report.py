@@ -115,34 +115,44 @@ def table(task: str, runs: list[dict[str, Any]]) -> str:
     return f"Task: {task}\n\n" + "\n".join(lines) + "\n"
 
 
+def _gains_at(run: dict[str, Any], step: int) -> tuple[float, float]:
+    """(reference, held-out) gains over the run's step 0 at its evaluation of ``step``."""
+    first = run["curve"][0]
+    entry = next(e for e in run["curve"] if e["step"] == step)
+    return (headline(entry.get("reference", {})) - headline(first.get("reference", {})),
+            headline(entry["held_out"]) - headline(first["held_out"]))
+
+
 def cache_parity(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (approximate, exact) pair of :data:`CACHE_PAIRS`: each seed's reference gains, the mean gains and
-    their ratio (the approximate run's share of the exact run's gain), the mean |old log-prob gap| and the
-    training seconds of both."""
+    """Per (approximate, exact) pair of :data:`CACHE_PAIRS`: each seed's gains on the reference and held-out
+    sets at the last step both runs of the seed evaluated (a run stopped early is compared where it stopped),
+    the mean gains and their ratio (the approximate runs' share of the exact runs' gain), the mean
+    |old log-prob gap| and the training seconds of both."""
     by_key = {(r["variant"], r["seed"]): r for r in runs}
     out = []
     for approx, exact in CACHE_PAIRS:
         seeds = sorted(seed for (variant, seed) in by_key if variant == approx and (exact, seed) in by_key)
         if not seeds:
             continue
-        a = [by_key[(approx, s)] for s in seeds]
-        e = [by_key[(exact, s)] for s in seeds]
-        gain_a = statistics.fmean(r["gain_reference"] for r in a)
-        gain_e = statistics.fmean(r["gain_reference"] for r in e)
-        held_a = statistics.fmean(r["final_held_out"] - r["base_held_out"] for r in a)
-        held_e = statistics.fmean(r["final_held_out"] - r["base_held_out"] for r in e)
-        out.append({
-            "approximate": approx, "exact": exact, "seeds": seeds,
-            "gain_reference": {"approximate": [r["gain_reference"] for r in a],
-                               "exact": [r["gain_reference"] for r in e]},
-            "gain_held_out": {"approximate": [r["final_held_out"] - r["base_held_out"] for r in a],
-                              "exact": [r["final_held_out"] - r["base_held_out"] for r in e]},
-            "share_of_exact_gain_reference": gain_a / gain_e if gain_e else float("nan"),
-            "share_of_exact_gain_held_out": held_a / held_e if held_e else float("nan"),
-            "old_logp_gap": statistics.fmean(r["old_logp_gap"] for r in a),
-            "train_seconds": {"approximate": statistics.fmean(r["train_seconds"] for r in a),
-                              "exact": statistics.fmean(r["train_seconds"] for r in e)},
-        })
+        per_seed = []
+        for seed in seeds:
+            a, e = by_key[(approx, seed)], by_key[(exact, seed)]
+            step = max({x["step"] for x in a["curve"]} & {x["step"] for x in e["curve"]})
+            (ref_a, held_a), (ref_e, held_e) = _gains_at(a, step), _gains_at(e, step)
+            per_seed.append({"seed": seed, "step": step, "reference": {"approximate": ref_a, "exact": ref_e},
+                             "held_out": {"approximate": held_a, "exact": held_e}})
+        result: dict[str, Any] = {"approximate": approx, "exact": exact, "per_seed": per_seed}
+        for split in ("reference", "held_out"):
+            mean_a = statistics.fmean(p[split]["approximate"] for p in per_seed)
+            mean_e = statistics.fmean(p[split]["exact"] for p in per_seed)
+            result[f"mean_gain_{split}"] = {"approximate": mean_a, "exact": mean_e}
+            result[f"share_of_exact_gain_{split}"] = mean_a / mean_e if mean_e else float("nan")
+        result["old_logp_gap"] = statistics.fmean(by_key[(approx, s)]["old_logp_gap"] for s in seeds)
+        result["capped_fraction"] = statistics.fmean(by_key[(approx, s)]["capped_fraction"] for s in seeds)
+        result["train_seconds_per_step"] = {
+            name: statistics.fmean(by_key[(v, s)]["train_seconds"] / by_key[(v, s)]["steps"] for s in seeds)
+            for name, v in (("approximate", approx), ("exact", exact))}
+        out.append(result)
     return out
 
 

@@ -117,7 +117,7 @@ def sample(
             f"model ({type(dlm.core).__name__}) goes through the generic adapter: use rollout_cache=none."
         )
     dlm = dlm.for_rollout(config.merge_lora)  # a LoRA model's merged copy (docs/algorithm.md#merged-lora-rollouts)
-    model = _rollout_model(dlm, config)
+    model = rollout_module(dlm, config)
 
     schedule = transfer_schedule(config).to(device)
     record = TrajectoryRecorder.start(prompt_ids, attention_mask, schedule, mask_id=dlm.mask_id,
@@ -175,8 +175,8 @@ def sample(
     return record.to_trajectory()
 
 
-def _rollout_model(dlm: DiffusionLM, config: SamplerConfig) -> nn.Module:
-    """The module the rollout forwards run through: the model, or its compiled copy."""
+def rollout_module(dlm: DiffusionLM, config: SamplerConfig) -> nn.Module:
+    """The module the rollout forwards of ``dlm`` run through: its model, or its compiled copy."""
     if not config.compile:
         return dlm.model
     dynamo_config = torch._dynamo.config

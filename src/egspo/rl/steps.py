@@ -32,7 +32,7 @@ from egspo.rl.rewards import RewardScorer
 from egspo.rl.selection import SelectedSteps, select_steps
 from egspo.rl.tracking import sample_rows
 from egspo.run_setup import optimizer_step
-from egspo.sampling import sample
+from egspo.sampling import rollout_module, sample
 from egspo.seeding import stream
 from egspo.tasks import Task
 from egspo.trajectory import Trajectory
@@ -219,7 +219,8 @@ class RLSteps:
         """The correction of an approximate (KV-cached) rollout (docs/algorithm.md#approximate-rollouts).
 
         One exact forward per selected-step slot, batched over the rows, before any update of this batch
-        (the model is still the rollout's policy) and in eval mode as the rollout ran, gives: the exact
+        (the model is still the rollout's policy: the merged LoRA copy when the rollout ran on it, compiled
+        when the rollout is) and in eval mode as the rollout ran, gives: the exact
         step log-probs (B, K), which replace the recorded approximate ones in the ratio; the exact greedy
         completions (B, K, L_c), which give the step rewards; and the truncated importance weights
         min(exp(exact - approximate), importance_weight_cap) (B, K), None when the cap is 0. Also the
@@ -228,8 +229,11 @@ class RLSteps:
         acc, cap = self.accelerator, self.args.importance_weight_cap
         traj = traj.to(acc.device)
         steps = selected.steps.to(acc.device)
-        with self.dlm.evaluating(), acc.autocast():
-            outputs = [exact_step_outputs(self.dlm, traj, steps[:, k]) for k in range(steps.shape[1])]
+        # the policy the rollout ran (a LoRA model's merged copy, compiled if the rollout is), without the cache
+        rollout_dlm = self.dlm.for_rollout(self.sampler_cfg.merge_lora)
+        model = rollout_module(rollout_dlm, self.sampler_cfg)
+        with rollout_dlm.evaluating(), acc.autocast():
+            outputs = [exact_step_outputs(rollout_dlm, traj, steps[:, k], model=model) for k in range(steps.shape[1])]
         exact = torch.stack([logp.float() for logp, _ in outputs], dim=1)
         greedy = torch.stack([tokens for _, tokens in outputs], dim=1)
         log_ratio = exact - traj.step_logps.gather(1, steps).float()
