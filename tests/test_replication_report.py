@@ -63,3 +63,21 @@ def test_report_writes_table_data_and_figures(report, tmp_path, monkeypatch):
     assert "| EGSPO (λ = 0) | 2 |" in (out_data / "sudoku_table.md").read_text()
     for name in ("replication_sudoku_curves.png", "replication_sudoku_steps.png"):
         assert (out_images / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cache_parity_compares_each_seed_at_its_last_common_evaluation(report, tmp_path):
+    task_dir = tmp_path / "runs" / "sudoku"
+    _write_run(task_dir, "egspo_sa-s0", [20.0, 24.0, 30.0])
+    _write_run(task_dir, "egspo_sa_dual-s0", [20.0, 26.0])  # stopped early: compared at step 25
+    _write_run(task_dir, "egspo_sa-s1", [20.0, 22.0, 28.0])
+    _write_run(task_dir, "egspo_sa_dual-s1", [20.0, 21.0, 26.0])
+    _write_run(task_dir, "egspo-s0", [20.0, 21.0, 22.0])  # not a pair
+    runs = [report.load_run(d) for d in sorted(task_dir.iterdir())]
+    (pair,) = report.cache_parity(runs)
+    assert (pair["approximate"], pair["exact"]) == ("egspo_sa_dual", "egspo_sa")
+    assert [(p["seed"], p["step"]) for p in pair["per_seed"]] == [(0, 25), (1, 50)]
+    assert pair["per_seed"][0]["reference"] == {"approximate": 6.0, "exact": 4.0}
+    assert pair["mean_gain_reference"] == {"approximate": 6.0, "exact": 6.0}  # (6 + 6) / 2 against (4 + 8) / 2
+    assert pair["share_of_exact_gain_reference"] == pytest.approx(1.0)
+    # held-out: +1 per evaluation in _write_run, so each seed's gain is its compared step's index
+    assert pair["mean_gain_held_out"] == {"approximate": 1.5, "exact": 1.5}
