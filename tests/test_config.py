@@ -118,3 +118,19 @@ def test_global_batch_checked_against_processes():
             cfg.validate(num_processes=processes)
         assert "multiple of 4 processes" in str(info.value)
     load_config(None, ["per_device_train_batch_size=4", "num_generations=4"]).validate(num_processes=2)
+
+
+def test_yaml_boolean_words_reach_string_choices(tmp_path):
+    """YAML 1.1 reads `no` as false: TRL's `eval_strategy: no` must still mean "no" (file and override)."""
+    assert load_config(None, ["eval_strategy=no"]).eval_strategy == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("eval_strategy: no\n")
+    assert load_config(path).eval_strategy == "no"
+    with pytest.raises(ConfigError, match="eval_strategy=True is not one of"):
+        load_config(None, ["eval_strategy=yes"])  # no choice spelled like true: still refused, by name
+
+
+def test_report_to_none_is_no_tracker():
+    assert load_config(None, ["report_to=none"]).report_to == []
+    with pytest.raises(ConfigError, match="or none"):
+        load_config(None, ["report_to=nonsense"])

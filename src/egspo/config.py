@@ -510,9 +510,11 @@ class EGSPOConfig:
             _positive(name, getattr(self, name), allow_zero=True)
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1).")
+        if self.report_to == ["none"]:  # TRL's spelling of no tracker
+            self.report_to = []
         for tracker in self.report_to:
             if tracker not in TRACKERS:
-                raise ConfigError(f"report_to entry {tracker!r} is not one of {', '.join(TRACKERS)}.")
+                raise ConfigError(f"report_to entry {tracker!r} is not one of {', '.join(TRACKERS)} (or none).")
         if self.eval_steps is not None:
             _positive("eval_steps", self.eval_steps)
         if self.load_best_model_at_end and self.eval_strategy == "no":
@@ -618,6 +620,10 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+#: The words YAML 1.1 reads as each boolean.
+_YAML_BOOL_WORDS = {False: ("no", "false", "off", "n"), True: ("yes", "true", "on", "y")}
+
+
 def _coerce(where: str, value: Any, tp: Any) -> Any:
     """Check/convert one YAML value against a field type; raise ConfigError naming ``where``."""
     tp, optional = _unwrap_optional(tp)
@@ -628,6 +634,9 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: `eval_strategy: no` means "no"
+            words = _YAML_BOOL_WORDS[value]
+            value = next((choice for choice in choices if isinstance(choice, str) and choice.lower() in words), value)
         if value not in choices:
             raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}.")
         return value
