@@ -176,41 +176,47 @@ class RLSteps:
     def _egspo_advantages(
         self, batch: _Batch, selected: SelectedSteps, rewards: torch.Tensor, greedy: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Stepwise advantages (B, K); ``greedy`` (B, K, L_c) replaces the sampler's recorded greedy completions
-        (the exact ones of an approximate rollout)."""
+        """Stepwise advantages (B, K) and the selection's metrics; ``greedy`` (B, K, L_c) replaces the sampler's
+        recorded greedy completions (the exact ones of an approximate rollout)."""
         cfg, acc = self.args, self.accelerator
-        traj = batch.traj
-        k = selected.steps.shape[1]
-        metrics: dict[str, Any] = {}
-        greedy_rewards = None
-        if cfg.stepwise_lambda:
-            if greedy is None:
-                greedy = traj.greedy_completions(selected.steps)  # (B, K, L_c)
-            greedy = greedy.cpu()
-            texts = self.processing_class.batch_decode(greedy.flatten(0, 1), skip_special_tokens=True)
-            rows = [row for row in batch.rows for _ in range(k)]
-            prompts = [p for p in batch.prompts for _ in range(k)]
-            greedy_rewards, _ = self.scorer.score(
-                prompts, texts, rows, completion_ids=self._completion_ids(greedy.flatten(0, 1)),
-                conversational=self.conversational, correctness_only=cfg.step_reward_correctness_only)
-            greedy_rewards = greedy_rewards.view(-1, k)
+        greedy_rewards = self._greedy_rewards(batch, selected, greedy) if cfg.stepwise_lambda else None
         result = global_stepwise_advantages(rewards, greedy_rewards, selected.weights.float(), cfg,
                                             gather=self._gather, process_index=acc.process_index)
-        adv = result.local
         # global_stepwise_advantages always gathers the greedy rewards and the weights (None: diffu-GRPO only)
         all_greedy, all_weights = cast(torch.Tensor, result.greedy), cast(torch.Tensor, result.weights)
+        metrics = self._selection_metrics(batch.traj, selected, all_weights)
         if greedy_rewards is not None:
             metrics["reward/greedy_mean"] = float(all_greedy.mean())
+        return result.local.to(acc.device), metrics
+
+    def _greedy_rewards(self, batch: _Batch, selected: SelectedSteps, greedy: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) rewards of the one-step greedy completions of the selected steps (the step rewards)."""
+        k = selected.steps.shape[1]
+        if greedy is None:
+            greedy = batch.traj.greedy_completions(selected.steps)  # (B, K, L_c)
+        greedy = greedy.cpu()
+        texts = self.processing_class.batch_decode(greedy.flatten(0, 1), skip_special_tokens=True)
+        rows = [row for row in batch.rows for _ in range(k)]
+        prompts = [p for p in batch.prompts for _ in range(k)]
+        greedy_rewards, _ = self.scorer.score(
+            prompts, texts, rows, completion_ids=self._completion_ids(greedy.flatten(0, 1)),
+            conversational=self.conversational, correctness_only=self.args.step_reward_correctness_only)
+        return greedy_rewards.view(-1, k)
+
+    def _selection_metrics(self, traj: Trajectory, selected: SelectedSteps, all_weights: torch.Tensor
+                           ) -> dict[str, Any]:
+        """Entropy of the selected and of all steps, which steps were chosen, selections per rollout (global)."""
         ent = traj.step_entropy
         valid = traj.valid_steps
         sel_ent = ent.gather(1, selected.steps.to(ent.device))
         w = selected.weights.to(ent.device)
-        metrics["entropy/selected"] = float(self._gather(((sel_ent * w).sum() / w.sum().clamp_min(1)).view(1)).mean())
-        metrics["entropy/all"] = float(self._gather(((ent * valid).sum() / valid.sum().clamp_min(1)).view(1)).mean())
-        metrics["selected_steps_histogram"] = step_histogram(
-            self._gather(selected.steps), self._gather(selected.weights), traj.num_steps)
-        metrics["selected_per_rollout"] = float(all_weights.sum(1).mean())
-        return adv.to(acc.device), metrics
+        return {
+            "entropy/selected": float(self._gather(((sel_ent * w).sum() / w.sum().clamp_min(1)).view(1)).mean()),
+            "entropy/all": float(self._gather(((ent * valid).sum() / valid.sum().clamp_min(1)).view(1)).mean()),
+            "selected_steps_histogram": step_histogram(
+                self._gather(selected.steps), self._gather(selected.weights), traj.num_steps),
+            "selected_per_rollout": float(all_weights.sum(1).mean()),
+        }
 
     @torch.no_grad()
     def _exact_step_outputs(
