@@ -58,6 +58,14 @@ def equal_rollouts(config: Path, variant: str, overrides: list[str]) -> list[str
     return [f"max_steps={max(1, cfg.max_steps // cfg.gradient_accumulation_steps)}"]
 
 
+def longer_steps(config: Path, overrides: list[str], factor: int) -> int:
+    """``max_steps`` of ``config`` with ``overrides``, times ``factor`` (before diffu-GRPO's equal-rollout halving)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from egspo.config import load_config
+
+    return load_config(config, overrides).max_steps * factor
+
+
 def save_records(task_dir: Path, records: list[dict], command: dict) -> None:
     """Merge ``records`` into TASK_DIR/runs.json (a rerun replaces a run's record) and append ``command``
     to TASK_DIR/commands.jsonl, under a lock: commands for different seeds may finish together."""
@@ -84,6 +92,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="Evaluate every this many steps.")
     parser.add_argument("--out", default="runs/replication")
     parser.add_argument("--deadline", type=float, default=None, help="Seconds after which running runs stop.")
+    parser.add_argument("--steps-factor", type=int, default=1,
+                        help="Run every variant this many times longer (max_steps x F; issue #20's long runs: 5).")
     parser.add_argument("overrides", nargs="*", help="field=value overrides for every run.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,6 +101,8 @@ def main() -> None:
     task_dir = Path(args.out) / args.task
     task_dir.mkdir(parents=True, exist_ok=True)
     config = ROOT / "configs" / "replication" / f"rl_{args.task}.yaml"
+    if args.steps_factor != 1:
+        args.overrides = [*args.overrides, f"max_steps={longer_steps(config, args.overrides, args.steps_factor)}"]
     queue = []
     for seed in args.seeds:
         for variant in args.variants:

@@ -58,3 +58,25 @@ def test_failed_runs_are_recorded_before_the_command_fails(replicate, monkeypatc
     runs = json.loads((tmp_path / "sudoku" / "runs.json").read_text())
     assert {r["run"]: r["returncode"] for r in runs} == {"egspo-s2": 3, "egspo_sa-s2": 3}
     assert json.loads((tmp_path / "sudoku" / "commands.jsonl").read_text())["finished"] == 2
+
+
+def test_steps_factor_makes_every_variant_longer_at_equal_rollouts(replicate, monkeypatch, tmp_path):
+    commands: list[list[str]] = []
+
+    class Recorded:
+        def __init__(self, command, **kwargs):
+            commands.append(command)
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(replicate.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(sys, "argv", ["replicate.py", "--task", "sudoku", "--reference-test", "ref.csv", "--out",
+                                      str(tmp_path), "--variants", "egspo_sa", "diffu_grpo", "--seeds", "0",
+                                      "--steps-factor", "5"])
+    replicate.main()
+    steps = {c[c.index("--out") + 1].rsplit("/", 1)[1]: [a for a in c if a.startswith("max_steps=")][-1]
+             for c in commands}
+    # rl_sudoku.yaml: 200 steps; diffu-GRPO generates 2 batches per step, so half as many steps
+    assert steps == {"egspo_sa-s0": "max_steps=1000", "diffu_grpo-s0": "max_steps=500"}

@@ -81,3 +81,16 @@ def test_cache_parity_compares_each_seed_at_its_last_common_evaluation(report, t
     assert pair["share_of_exact_gain_reference"] == pytest.approx(1.0)
     # held-out: +1 per evaluation in _write_run, so each seed's gain is its compared step's index
     assert pair["mean_gain_held_out"] == {"approximate": 1.5, "exact": 1.5}
+
+
+def test_best_diffu_grpo_learning_rate_is_chosen_on_held_out_data(report, tmp_path):
+    task_dir = tmp_path / "runs" / "sudoku"
+    # _write_run's held-out accuracy is 20 + index of the last evaluation: 2 points for 3 evaluations, 3 for 4
+    _write_run(task_dir, "diffu_grpo-s0", [13.0, 30.0, 40.0])  # best on the reference set, held-out 22
+    _write_run(task_dir, "diffu_grpo_lr1e-4-s0", [13.0, 14.0, 15.0, 16.0])  # held-out 23: chosen
+    _write_run(task_dir, "egspo_sa-s0", [13.0, 20.0, 35.0, 36.0])  # not a candidate
+    runs = [report.load_run(d) for d in sorted(task_dir.iterdir())]
+    assert report.best_diffu_grpo(runs) == "diffu_grpo_lr1e-4"
+    lines = report.table("sudoku", runs).splitlines()
+    assert any(line.startswith("| diffu-GRPO (d1), lr 1e-4 **(best lr on held-out)**") for line in lines)
+    assert not any("best lr" in line for line in lines if line.startswith("| diffu-GRPO (d1) |"))
