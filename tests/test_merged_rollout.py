@@ -211,3 +211,22 @@ def test_planner_keeps_the_merged_copy_only_where_it_fits():
     assert not tight.merge_lora_rollout and "merged_copy" not in tight.estimate.static
     assert any("copy OFF" in r for r in tight.reasons)
     assert tight.estimate.needed <= 24 * 2**30
+
+
+def test_invalidate_resyncs_a_change_the_version_counters_miss():
+    """DeepSpeed updates parameters through its flat buffers; the trainer's invalidation after every optimizer
+    step still brings the copy up to date."""
+    dlm = _lora_llada()
+    view = dlm.for_rollout(True)
+    lora_b = next(p for name, p in dlm.model.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        lora_b.data = lora_b.data + 0.5  # a new tensor behind the parameter: no in-place version bump
+    x = _inputs()
+    dlm.model.eval()
+    with torch.no_grad():
+        stale = view.logits(x)
+        dlm.for_rollout(True)
+        assert torch.equal(view.logits(x), stale), "the counters did not see the change (so this test can fail)"
+        dlm.rollout_weights_changed()
+        dlm.for_rollout(True)
+        torch.testing.assert_close(view.logits(x), dlm.logits(x), rtol=1e-5, atol=1e-5)

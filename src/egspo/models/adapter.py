@@ -236,6 +236,12 @@ class DiffusionLM:
         self._merged.sync()
         return self._merged_view
 
+    def rollout_weights_changed(self) -> None:
+        """The weights changed (an optimizer step, a loaded checkpoint): the merged rollout copy resyncs at the
+        next rollout."""
+        if self._merged is not None:
+            self._merged.invalidate()
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """``model`` in eval mode (dropout off) inside the block, its previous mode restored after."""

@@ -6,9 +6,10 @@ adapted linears hold ``W + s B A`` (computed in float32, stored in the weights' 
 other parameter and buffer with the training model, so the rollout costs what the base model costs.
 
 - The training model is never touched: its base weights stay bit-exact (no merge/unmerge in place).
-- :meth:`MergedLoRA.sync` recomputes the merged weights when the adapter changed since the last call
-  (an optimizer step, a loaded checkpoint: detected by the adapter tensors' in-place version counters),
-  so a rollout always runs the current policy.
+- :meth:`MergedLoRA.sync` recomputes the merged weights when the adapter changed since the last call:
+  the trainer says so after every optimizer step and checkpoint load (:meth:`MergedLoRA.invalidate`), and
+  the adapter tensors' in-place version counters catch changes made elsewhere, so a rollout always runs
+  the current policy.
 - The copy costs one extra set of the adapted weights (all of a block's linears by default: about 14 GB
   for LLaDA-8B in bf16), counted by :mod:`egspo.memory`.
 - Only plain ``nn.Linear`` bases with LoRA (not DoRA) adapters can be merged; a quantised (bitsandbytes)
@@ -95,6 +96,11 @@ class MergedLoRA:
             counters.extend(t._version for t in (*_adapter_tensors(layer), layer.base_layer.weight))
             counters.append(hash((tuple(layer.active_adapters), bool(layer.disable_adapters))))
         return tuple(counters)
+
+    def invalidate(self) -> None:
+        """Recompute the merged weights at the next :meth:`sync` whatever the version counters say: engines that
+        update parameters through other tensors (DeepSpeed's flat buffers) leave the parameters' counters alone."""
+        self._version = None
 
     @torch.no_grad()
     def sync(self) -> nn.Module:

@@ -394,6 +394,8 @@ class RLSteps:
 
     def _optimizer_step(self, sums: dict[str, float]) -> None:
         norm = optimizer_step(self.accelerator, self.dlm.model, self.optimizer, self.scheduler, self.args.max_grad_norm)
+        if self.accelerator.sync_gradients:  # an optimizer step happened: the merged rollout copy is stale
+            self.dlm.rollout_weights_changed()
         if norm is not None:
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
             sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1

@@ -358,6 +358,7 @@ class EGSPOTrainer(RLSteps):
         with self._run.opened(resume_from_checkpoint) as ckpt:
             if ckpt is not None:
                 state = self._run.load(ckpt, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler)
+                self.dlm.rollout_weights_changed()
                 step = self.start_step = state["step"]
                 if state.get("best"):
                     self.best = (state["best"][0], self.run_dir / state["best"][1])
@@ -421,6 +422,7 @@ class EGSPOTrainer(RLSteps):
         if cfg.load_best_model_at_end and self.best is not None:
             logger.info("Loading the best checkpoint %s (eval %.3f).", self.best[1], self.best[0])
             self._run.load(self.best[1], model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.dlm.rollout_weights_changed()
         acc.wait_for_everyone()
         if acc.is_main_process:
             from egspo.report import write_run_report
