@@ -63,19 +63,18 @@ class MergedLoRA:
         blocker = merge_blocker(core)
         if blocker is not None:
             raise ValueError(f"Cannot merge the LoRA adapter for rollouts: {blocker}.")
-        self._core = core
-        self._layers = lora_layers(core)
+        layers = lora_layers(core)
         # deepcopy with every tensor except the adapted base weights (and the adapters) pre-seeded in the memo:
         # the copy shares them with the training model and owns only the weights that will hold W + s B A
-        adapted = {id(layer.base_layer.weight) for _, layer in self._layers}
-        adapter_tensors = {id(t) for _, layer in self._layers for t in _adapter_tensors(layer)}
+        adapted = {id(layer.base_layer.weight) for _, layer in layers}
+        adapter_tensors = {id(t) for _, layer in layers for t in _adapter_tensors(layer)}
         memo: dict[int, Any] = {}
         for tensor in [*core.parameters(), *core.buffers()]:
             if id(tensor) not in adapted and id(tensor) not in adapter_tensors:
                 memo[id(tensor)] = tensor
         copied = copy.deepcopy(core, memo)
         # each tuner layer of the copy becomes its own (copied) base linear
-        for name, _ in self._layers:
+        for name, _ in layers:
             parent_name, _, child = name.rpartition(".")
             parent = copied.get_submodule(parent_name) if parent_name else copied
             setattr(parent, child, getattr(parent, child).base_layer)
@@ -83,7 +82,7 @@ class MergedLoRA:
         copied.requires_grad_(False)
         self.module: nn.Module = copied
         self._targets: list[tuple[Any, torch.Tensor]] = [
-            (layer, cast(torch.Tensor, copied.get_submodule(name).weight)) for name, layer in self._layers]
+            (layer, cast(torch.Tensor, copied.get_submodule(name).weight)) for name, layer in layers]
         self._version: tuple[int, ...] | None = None
         extra = sum(w.numel() * w.element_size() for _, w in self._targets)
         logger.info("Merged LoRA copy for rollouts: %d linears, %.2f GB of merged weights.",
