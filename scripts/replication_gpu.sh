@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The issue-#9 replication: the bases, then one replicate.py command per task and seed (a task's
-# variants of one seed share one GPU; such a command took 250 s for Sudoku, 346 s for Countdown on an H200).
-# Jobs are taken in order by one worker per GPU (GPUS="0 1" for two; default: one worker on the
-# visible GPU): bases first, then the Sudoku seeds, then the Countdown seeds; a grid waits for its base.
+# The replication of issues #9 and #20: the bases, then every variant x seed of each task, then (LONG=1) the
+# 5x longer Sudoku runs, seed 0, of the best diffu-GRPO learning rate (on held-out data) and the four EGSPO
+# variants (runs/replication_long).
+# One GPU (default): under CUDA MPS when the machine has it (scripts/start_mps.sh), the two bases in
+# parallel, then all 21 runs of a task at once, Sudoku first. Measured on one H200 (2026-12-01): bases
+# 58 / 123 s, Sudoku grid 512 s, Countdown grid 834 s, the long runs about 0.53 s per step each.
+# Several GPUs (GPUS="0 1"): one worker per GPU takes jobs in order, bases first, then one replicate.py
+# command per task and seed (a grid waits for its base).
 # Writes runs/replication/ and runs/replication/DONE at the end (NOBASE if a base is out of range).
-#   [GPUS="0 1"] [TASKS="sudoku countdown"] [VARIANTS="..."] [TARGET=lo,hi] \
+#   [GPUS="0 1"] [TASKS="sudoku countdown"] [VARIANTS="..."] [TARGET=lo,hi] [LONG=1] \
 #       bash scripts/replication_gpu.sh REFERENCE_DIR [SEEDS...]
 # REFERENCE_DIR holds 4x4_test_sudoku.csv and countdown_cd3_test.jsonl. Bases already built are reused.
-# Evaluation every 25 RL steps for Sudoku (200 steps), every 20 for Countdown (120 steps).
+# Evaluation every 50 RL steps for Sudoku (200 steps), every 40 for Countdown (120 steps).
 set -u
 ref=${1:?reference data directory}
 shift
@@ -21,7 +25,7 @@ declare -A default_target=([sudoku]=15,40 [countdown]=10,40)
 declare -A default_variants=(
     [sudoku]="diffu_grpo diffu_grpo_lr1e-4 diffu_grpo_lr1e-3 egspo egspo_sa random uniform"
     [countdown]="diffu_grpo diffu_grpo_lr1e-4 diffu_grpo_lr1e-3 egspo egspo_sa random uniform")
-declare -A every=([sudoku]=25 [countdown]=20)
+declare -A every=([sudoku]=50 [countdown]=40)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 out=runs/replication
@@ -45,12 +49,23 @@ build_base() {  # task
     echo done > $claims/base-$task/state
 }
 
-grid() {  # task seed
-    local task=$1 seed=$2
+grid() {  # task seeds... (all the seeds' runs at once)
+    local task=$1
+    shift
+    local variants=(${VARIANTS:-${default_variants[$task]}}) tag
+    tag=$(IFS=-; echo "$*")
     # shellcheck disable=SC2086
-    python scripts/replicate.py --task $task --reference-test "$ref/$(reference_file $task)" --seeds $seed \
-        --variants ${VARIANTS:-${default_variants[$task]}} --parallel 18 --every ${every[$task]} \
-        model_name_or_path=$out/$task-base/chosen > $out/$task-grid-s$seed.log 2>&1
+    python scripts/replicate.py --task $task --reference-test "$ref/$(reference_file $task)" --seeds "$@" \
+        --variants "${variants[@]}" --parallel $(( ${#variants[@]} * $# )) --every ${every[$task]} \
+        model_name_or_path=$out/$task-base/chosen > $out/$task-grid-s$tag.log 2>&1
+}
+
+long_runs() {  # the 5x longer Sudoku runs, seed 0, after the Sudoku grid
+    local best
+    best=$(python scripts/replication_report.py --best-diffu-grpo $out/sudoku) || return
+    python scripts/replicate.py --task sudoku --reference-test "$ref/$(reference_file sudoku)" --seeds 0 \
+        --variants $best egspo egspo_sa random uniform --parallel 5 --every 100 --steps-factor 5 \
+        --out runs/replication_long model_name_or_path=$out/sudoku-base/chosen > $out/long.log 2>&1
 }
 
 jobs=()
@@ -84,12 +99,18 @@ worker() {  # gpu ('' = leave CUDA_VISIBLE_DEVICES alone)
 
 start=$(date +%s)
 if [ -z "$gpus" ]; then
-    # One GPU: the bases in parallel first (SFT sharing the CPUs with 18 RL runs slowed down 7x), then the grids.
+    . scripts/start_mps.sh
+    # One GPU: the bases in parallel first (SFT sharing the CPUs with 18 RL runs slowed down 7x), then each
+    # task's grid, all its seeds at once.
     for task in $tasks; do mkdir $claims/base-$task; build_base $task & done
     wait
-    worker ''
+    for task in $tasks; do
+        # shellcheck disable=SC2086
+        [ "$(cat $claims/base-$task/state)" = done ] && grid $task $seeds
+    done
 else
     for gpu in $gpus; do worker $gpu & done
     wait
 fi
+[ "${LONG:-0}" = 1 ] && [ -f $out/sudoku-base/chosen/config.json ] && long_runs
 echo "$(( $(date +%s) - start )) s" > $out/DONE

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -227,8 +228,17 @@ def main() -> None:
     parser.add_argument("--images", default="docs/images")
     parser.add_argument("--data", default="docs/data/replication")
     parser.add_argument("--prefix", default="replication", help="file-name prefix of the figures")
+    parser.add_argument("--best-diffu-grpo", metavar="TASK_DIR", default=None,
+                        help="Only print the diffu-GRPO variant with the best held-out accuracy among TASK_DIR's runs.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.best_diffu_grpo:
+        task_dir = Path(args.best_diffu_grpo)
+        best = best_diffu_grpo([run for run in (load_run(d) for d in sorted(task_dir.glob("*-s*"))) if run])
+        if best is None:
+            raise SystemExit(f"no finished diffu-GRPO run under {task_dir}")
+        sys.stdout.write(best + "\n")
+        return
     images, data = Path(args.images), Path(args.data)
     images.mkdir(parents=True, exist_ok=True)
     data.mkdir(parents=True, exist_ok=True)

@@ -94,3 +94,18 @@ def test_best_diffu_grpo_learning_rate_is_chosen_on_held_out_data(report, tmp_pa
     lines = report.table("sudoku", runs).splitlines()
     assert any(line.startswith("| diffu-GRPO (d1), lr 1e-4 **(best lr on held-out)**") for line in lines)
     assert not any("best lr" in line for line in lines if line.startswith("| diffu-GRPO (d1) |"))
+
+
+def test_best_diffu_grpo_option_prints_the_variant_for_the_long_runs(report, tmp_path, monkeypatch, capsys):
+    task_dir = tmp_path / "runs" / "sudoku"
+    _write_run(task_dir, "diffu_grpo-s0", [13.0, 30.0, 40.0])  # held-out 22
+    _write_run(task_dir, "diffu_grpo_lr1e-3-s0", [13.0, 14.0, 15.0, 16.0])  # held-out 23
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["replication_report.py", "--best-diffu-grpo", str(task_dir)])
+    report.main()
+    assert capsys.readouterr().out == "diffu_grpo_lr1e-3\n"
+    assert not (tmp_path / "docs").exists() and not (tmp_path / "images").exists()  # prints only, writes nothing
+
+    monkeypatch.setattr("sys.argv", ["replication_report.py", "--best-diffu-grpo", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="no finished diffu-GRPO run under"):
+        report.main()
