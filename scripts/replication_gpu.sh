@@ -8,8 +8,10 @@
 # Several GPUs (GPUS="0 1"): one worker per GPU takes jobs in order, bases first, then one replicate.py
 # command per task and seed (a grid waits for its base).
 # Writes runs/replication/ and runs/replication/DONE at the end (NOBASE if a base is out of range).
-#   [GPUS="0 1"] [TASKS="sudoku countdown"] [VARIANTS="..."] [TARGET=lo,hi] [LONG=1] \
+#   [GPUS="0 1"] [TASKS="sudoku countdown"] [VARIANTS="..."] [TARGET=lo,hi] [LONG=1 [GRIDS=0] [BEST_DIFFU=variant]] \
 #       bash scripts/replication_gpu.sh REFERENCE_DIR [SEEDS...]
+# GRIDS=0 (one GPU) builds the bases and runs only the longer runs; their diffu-GRPO variant is then
+# BEST_DIFFU (default: the best on held-out data among runs/replication/sudoku's runs, which must exist).
 # REFERENCE_DIR holds 4x4_test_sudoku.csv and countdown_cd3_test.jsonl. Bases already built are reused.
 # Evaluation every 50 RL steps for Sudoku (200 steps), every 40 for Countdown (120 steps).
 set -u
@@ -61,8 +63,8 @@ grid() {  # task seeds... (all the seeds' runs at once)
 }
 
 long_runs() {  # the 5x longer Sudoku runs, seed 0, after the Sudoku grid
-    local best
-    best=$(python scripts/replication_report.py --best-diffu-grpo $out/sudoku) || return
+    local best=${BEST_DIFFU:-}
+    [ -n "$best" ] || best=$(python scripts/replication_report.py --best-diffu-grpo $out/sudoku) || return
     python scripts/replicate.py --task sudoku --reference-test "$ref/$(reference_file sudoku)" --seeds 0 \
         --variants $best egspo egspo_sa random uniform --parallel 5 --every 100 --steps-factor 5 \
         --out runs/replication_long model_name_or_path=$out/sudoku-base/chosen > $out/long.log 2>&1
@@ -106,7 +108,7 @@ if [ -z "$gpus" ]; then
     wait
     for task in $tasks; do
         # shellcheck disable=SC2086
-        [ "$(cat $claims/base-$task/state)" = done ] && grid $task $seeds
+        [ "${GRIDS:-1}" != 0 ] && [ "$(cat $claims/base-$task/state)" = done ] && grid $task $seeds
     done
 else
     for gpu in $gpus; do worker $gpu & done
