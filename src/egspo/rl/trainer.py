@@ -292,6 +292,13 @@ class EGSPOTrainer(RLSteps):
         self.callbacks("on_save", trainer=self, checkpoint=path)
         return path
 
+    def _load(self, checkpoint: Path) -> dict[str, Any]:
+        """Restore ``checkpoint`` (model, optimizer, scheduler) and return its trainer state; the merged rollout
+        copy resyncs at the next rollout."""
+        state = self._run.load(checkpoint, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.dlm.rollout_weights_changed()
+        return state
+
     def eval_rows(self) -> list[dict[str, Any]]:
         """The evaluation rows: ``eval_dataset``, else the task's test data (``eval_file`` or its generator)."""
         if self._eval_rows is None:
@@ -357,8 +364,7 @@ class EGSPOTrainer(RLSteps):
         step = self.start_step
         with self._run.opened(resume_from_checkpoint) as ckpt:
             if ckpt is not None:
-                state = self._run.load(ckpt, model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler)
-                self.dlm.rollout_weights_changed()
+                state = self._load(ckpt)
                 step = self.start_step = state["step"]
                 if state.get("best"):
                     self.best = (state["best"][0], self.run_dir / state["best"][1])
@@ -421,8 +427,7 @@ class EGSPOTrainer(RLSteps):
         cfg, acc = self.args, self.accelerator
         if cfg.load_best_model_at_end and self.best is not None:
             logger.info("Loading the best checkpoint %s (eval %.3f).", self.best[1], self.best[0])
-            self._run.load(self.best[1], model=self.dlm.model, optimizer=self.optimizer, scheduler=self.scheduler)
-            self.dlm.rollout_weights_changed()
+            self._load(self.best[1])
         acc.wait_for_everyone()
         if acc.is_main_process:
             from egspo.report import write_run_report
