@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("replicate")
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,23 +48,25 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def _run_config(config: Path, overrides: list[str]) -> Any:
+    """``config`` with ``overrides``, loaded by egspo's own loader (from this checkout's src)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from egspo.config import load_config
+
+    return load_config(config, overrides)
+
+
 def equal_rollouts(config: Path, variant: str, overrides: list[str]) -> list[str]:
     """A ``max_steps`` override giving a diffu-GRPO variant as many rollouts as the EGSPO variants get."""
     if not variant.startswith("diffu_grpo"):
         return []
-    sys.path.insert(0, str(ROOT / "src"))
-    from egspo.config import load_config
-
-    cfg = load_config(config, [*VARIANTS[variant], *overrides])
+    cfg = _run_config(config, [*VARIANTS[variant], *overrides])
     return [f"max_steps={max(1, cfg.max_steps // cfg.gradient_accumulation_steps)}"]
 
 
 def longer_steps(config: Path, overrides: list[str], factor: int) -> int:
     """``max_steps`` of ``config`` with ``overrides``, times ``factor`` (before diffu-GRPO's equal-rollout halving)."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from egspo.config import load_config
-
-    return load_config(config, overrides).max_steps * factor
+    return _run_config(config, overrides).max_steps * factor
 
 
 def save_records(task_dir: Path, records: list[dict], command: dict) -> None:
