@@ -56,17 +56,20 @@ def _run_config(config: Path, overrides: list[str]) -> Any:
     return load_config(config, overrides)
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def equal_rollouts(config: Path, variant: str, overrides: list[str]) -> list[str]:
     """A ``max_steps`` override giving a diffu-GRPO variant as many rollouts as the EGSPO variants get."""
     if not variant.startswith("diffu_grpo"):
         return []
     cfg = _run_config(config, [*VARIANTS[variant], *overrides])
     return [f"max_steps={max(1, cfg.max_steps // cfg.gradient_accumulation_steps)}"]
-
-
-def longer_steps(config: Path, overrides: list[str], factor: int) -> int:
-    """``max_steps`` of ``config`` with ``overrides``, times ``factor`` (before diffu-GRPO's equal-rollout halving)."""
-    return _run_config(config, overrides).max_steps * factor
 
 
 def save_records(task_dir: Path, records: list[dict], command: dict) -> None:
@@ -95,26 +98,30 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="Evaluate every this many steps.")
     parser.add_argument("--out", default="runs/replication")
     parser.add_argument("--deadline", type=float, default=None, help="Seconds after which running runs stop.")
-    parser.add_argument("--steps-factor", type=int, default=1,
+    parser.add_argument("--steps-factor", type=_at_least_one, default=1,
                         help="Run every variant this many times longer (max_steps x F; issue #20's long runs: 5).")
     parser.add_argument("overrides", nargs="*", help="field=value overrides for every run.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     task_dir = Path(args.out) / args.task
-    task_dir.mkdir(parents=True, exist_ok=True)
     config = ROOT / "configs" / "replication" / f"rl_{args.task}.yaml"
-    if args.steps_factor != 1:
-        args.overrides = [*args.overrides, f"max_steps={longer_steps(config, args.overrides, args.steps_factor)}"]
-    queue = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            out = task_dir / f"{variant}-s{seed}"
-            command = [sys.executable, str(ROOT / "scripts" / "rl_curve.py"), "--config", str(config),
-                       "--out", str(out), "--every", str(args.every), "--reference-test", args.reference_test,
-                       f"seed={seed}", *VARIANTS[variant], *args.overrides,
-                       *equal_rollouts(config, variant, args.overrides)]
-            queue.append({"run": out.name, "variant": variant, "seed": seed, "out": out, "command": command})
+    try:  # a bad override fails here, once, before anything is written or started
+        steps = _run_config(config, args.overrides).max_steps
+        if args.steps_factor != 1:  # before diffu-GRPO's equal-rollout halving
+            args.overrides = [*args.overrides, f"max_steps={steps * args.steps_factor}"]
+        queue = []
+        for seed in args.seeds:
+            for variant in args.variants:
+                out = task_dir / f"{variant}-s{seed}"
+                command = [sys.executable, str(ROOT / "scripts" / "rl_curve.py"), "--config", str(config),
+                           "--out", str(out), "--every", str(args.every), "--reference-test", args.reference_test,
+                           f"seed={seed}", *VARIANTS[variant], *args.overrides,
+                           *equal_rollouts(config, variant, args.overrides)]
+                queue.append({"run": out.name, "variant": variant, "seed": seed, "out": out, "command": command})
+    except ValueError as exc:  # egspo's ConfigError names the field or override
+        parser.error(str(exc))
+    task_dir.mkdir(parents=True, exist_ok=True)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -236,7 +236,8 @@ def main() -> None:
         task_dir = Path(args.best_diffu_grpo)
         best = best_diffu_grpo([run for run in (load_run(d) for d in sorted(task_dir.glob("*-s*"))) if run])
         if best is None:
-            raise SystemExit(f"no finished diffu-GRPO run under {task_dir}")
+            parser.error(f"no finished diffu-GRPO run under {task_dir}: run the grid first, or name the variant "
+                         "yourself (replication_gpu.sh: BEST_DIFFU=diffu_grpo)")
         sys.stdout.write(best + "\n")
         return
     images, data = Path(args.images), Path(args.data)

@@ -80,3 +80,18 @@ def test_steps_factor_makes_every_variant_longer_at_equal_rollouts(replicate, mo
              for c in commands}
     # rl_sudoku.yaml: 200 steps; diffu-GRPO generates 2 batches per step, so half as many steps
     assert steps == {"egspo_sa-s0": "max_steps=1000", "diffu_grpo-s0": "max_steps=500"}
+
+
+@pytest.mark.parametrize(("bad", "named"), [(["--steps-factor", "0"], "argument --steps-factor"),
+                                           (["learnin_rate=1"], "Did you mean learning_rate?"),
+                                           (["--steps-factor", "2", "max_steps=-3"], "max_steps=-3 must be > 0")])
+def test_bad_arguments_exit_2_naming_them_before_anything_is_written(replicate, monkeypatch, tmp_path, capsys, bad,
+                                                                     named):
+    monkeypatch.setattr(replicate.subprocess, "Popen", lambda *a, **k: pytest.fail("a run was started"))
+    monkeypatch.setattr(sys, "argv", ["replicate.py", "--task", "sudoku", "--reference-test", "ref.csv", "--out",
+                                      str(tmp_path / "out"), *bad])
+    with pytest.raises(SystemExit) as exit_info:
+        replicate.main()
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -107,5 +107,6 @@ def test_best_diffu_grpo_option_prints_the_variant_for_the_long_runs(report, tmp
     assert not (tmp_path / "docs").exists() and not (tmp_path / "images").exists()  # prints only, writes nothing
 
     monkeypatch.setattr("sys.argv", ["replication_report.py", "--best-diffu-grpo", str(tmp_path / "empty")])
-    with pytest.raises(SystemExit, match="no finished diffu-GRPO run under"):
+    with pytest.raises(SystemExit) as exit_info:
         report.main()
+    assert exit_info.value.code == 2 and "no finished diffu-GRPO run under" in capsys.readouterr().err
