@@ -15,11 +15,19 @@
 # REFERENCE_DIR holds 4x4_test_sudoku.csv and countdown_cd3_test.jsonl. Bases already built are reused.
 # Evaluation every 50 RL steps for Sudoku (200 steps), every 40 for Countdown (120 steps).
 set -u
-ref=${1:?reference data directory}
-shift
+ref=${1:-}
+[ $# -gt 0 ] && shift
 seeds=${*:-0 1 2}
 tasks=${TASKS:-sudoku countdown}
 gpus=${GPUS:-}
+declare -A reference_files=([sudoku]=4x4_test_sudoku.csv [countdown]=countdown_cd3_test.jsonl)
+for task in $tasks; do
+    [ -n "${reference_files[$task]:-}" ] || { echo "TASKS: unknown task '$task' (sudoku, countdown)" >&2; exit 2; }
+    [ -f "$ref/${reference_files[$task]}" ] || {
+        echo "no $ref/${reference_files[$task]}: give the directory that holds the reference test sets" \
+             "(usage: bash scripts/replication_gpu.sh REFERENCE_DIR [SEEDS...])" >&2; exit 2; }
+done
+ref=$(cd "$ref" && pwd)  # the script works from the repository root
 # Held-out accuracy range (percent) that build_base picks the base from. Sudoku's generated puzzles
 # are easier than the reference set (held-out 10.2% came with 6.4% on it), hence its higher floor.
 declare -A default_target=([sudoku]=15,40 [countdown]=10,40)
@@ -37,7 +45,7 @@ rm -rf $out/DONE $out/NOBASE $claims
 mkdir -p $claims
 
 reference_file() {  # task
-    case $1 in sudoku) echo 4x4_test_sudoku.csv ;; countdown) echo countdown_cd3_test.jsonl ;; esac
+    echo "${reference_files[$1]}"
 }
 
 build_base() {  # task
