@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The replication of issues #9 and #20: the bases, then every variant x seed of each task, then (LONG=1) the
-# 5x longer Sudoku runs, seed 0, of the best diffu-GRPO learning rate (on held-out data) and the four EGSPO
-# variants (runs/replication_long).
+# 5x longer Sudoku runs (seeds LONG_SEEDS, default 0 1, one seed at a time) of the best diffu-GRPO learning
+# rate (on held-out data) and the four EGSPO variants (runs/replication_long).
 # One GPU (default): under CUDA MPS when the machine has it (scripts/start_mps.sh), the two bases in
 # parallel, then all 21 runs of a task at once, Sudoku first. Measured on one H200 (2026-12-01): bases
-# 58 / 123 s, Sudoku grid 512 s, Countdown grid 834 s, the long runs about 0.53 s per step each.
+# 58 / 123 s, Sudoku grid 512 s, Countdown grid 834 s, the long runs 562 s and 628 s per seed.
 # Several GPUs (GPUS="0 1"): one worker per GPU takes jobs in order, bases first, then one replicate.py
 # command per task and seed (a grid waits for its base).
 # Writes runs/replication/ and runs/replication/DONE at the end (NOBASE if a base is out of range).
-#   [GPUS="0 1"] [TASKS="sudoku countdown"] [VARIANTS="..."] [TARGET=lo,hi] [LONG=1 [GRIDS=0] [BEST_DIFFU=variant]] \
+#   [GPUS="0 1"] [TASKS="sudoku countdown"] [VARIANTS="..."] [TARGET=lo,hi] \
+#   [LONG=1 [GRIDS=0] [BEST_DIFFU=variant] [LONG_SEEDS="0 1"]] \
 #       bash scripts/replication_gpu.sh REFERENCE_DIR [SEEDS...]
 # GRIDS=0 (one GPU) builds the bases and runs only the longer runs; their diffu-GRPO variant is then
 # BEST_DIFFU (default: the best on held-out data among runs/replication/sudoku's runs, which must exist).
@@ -70,12 +71,14 @@ grid() {  # task seeds... (all the seeds' runs at once)
         model_name_or_path=$out/$task-base/chosen > $out/$task-grid-s$tag.log 2>&1
 }
 
-long_runs() {  # the 5x longer Sudoku runs, seed 0, after the Sudoku grid
-    local best=${BEST_DIFFU:-}
+long_runs() {  # the 5x longer Sudoku runs after the Sudoku grid: one seed's 5 runs at a time
+    local best=${BEST_DIFFU:-} seed
     [ -n "$best" ] || best=$(python scripts/replication_report.py --best-diffu-grpo $out/sudoku) || return
-    python scripts/replicate.py --task sudoku --reference-test "$ref/$(reference_file sudoku)" --seeds 0 \
-        --variants $best egspo egspo_sa random uniform --parallel 5 --every 100 --steps-factor 5 \
-        --out runs/replication_long model_name_or_path=$out/sudoku-base/chosen > $out/long.log 2>&1
+    for seed in ${LONG_SEEDS:-0 1}; do
+        python scripts/replicate.py --task sudoku --reference-test "$ref/$(reference_file sudoku)" --seeds $seed \
+            --variants $best egspo egspo_sa random uniform --parallel 5 --every 100 --steps-factor 5 \
+            --out runs/replication_long model_name_or_path=$out/sudoku-base/chosen >> $out/long.log 2>&1
+    done
 }
 
 jobs=()
