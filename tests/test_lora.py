@@ -5,7 +5,13 @@ from peft import PeftModel
 from egspo.config import ConfigError, ModelConfig
 from egspo.models.adapter import DiffusionLM
 from egspo.models.dream import DreamConfig, DreamModel
-from egspo.models.lora import DEFAULT_LORA_TARGETS, apply_lora, make_reference, prepare_for_training
+from egspo.models.lora import (
+    DEFAULT_LORA_TARGETS,
+    PUBLISHED_LORA_TARGETS,
+    apply_lora,
+    make_reference,
+    prepare_for_training,
+)
 from egspo.models.tiny import random_model
 
 LLADA_BLOCK_LINEARS = DEFAULT_LORA_TARGETS["llada"]
@@ -14,6 +20,13 @@ LLADA_BLOCK_LINEARS = DEFAULT_LORA_TARGETS["llada"]
 def _tiny_dlm() -> DiffusionLM:
     model, tokenizer = random_model(seed=0, n_layers=2, d_model=64, n_heads=2, mlp_hidden_size=128)
     return DiffusionLM(model=model, mask_id=tokenizer.mask_token_id, stop_ids=(2, 0), native=True)
+
+
+def _tiny_dream() -> DreamModel:
+    return DreamModel(DreamConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, mask_token_id=3, pad_token_id=0, eos_token_id=2,
+    ))
 
 
 def _lora_cfg(**kwargs) -> ModelConfig:
@@ -29,15 +42,23 @@ def _lora_module_names(model):
     return {name.removeprefix("base_model.model.") for name, m in model.named_modules() if hasattr(m, "lora_A")}
 
 
-def test_lora_default_targets_match_published_setup():
+def test_lora_default_targets_are_every_block_linear_and_the_head():
     dlm = _tiny_dlm()
     peft_model = apply_lora(dlm.model, _lora_cfg())
     assert isinstance(peft_model, PeftModel)
     expected = {f"model.transformer.blocks.{i}.{n}" for i in range(2) for n in LLADA_BLOCK_LINEARS}
-    # the published LoRA config's "ff_out" also matches the LM head model.transformer.ff_out
+    # the blocks' "ff_out" also matches the LM head model.transformer.ff_out (peft matches by suffix)
     assert _lora_module_names(peft_model) == expected | {"model.transformer.ff_out"}
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_published_preset_adapts_only_the_llama_names_llada_has():
+    names = _lora_module_names(apply_lora(_tiny_dlm().model, _lora_cfg(lora_target_modules=["published"])))
+    llama_names_llada_has = ("q_proj", "k_proj", "v_proj", "up_proj")
+    assert names == {f"model.transformer.blocks.{i}.{n}" for i in range(2) for n in llama_names_llada_has}
+    dream = _lora_module_names(apply_lora(_tiny_dream(), _lora_cfg(lora_target_modules=["published"])))
+    assert {n.rsplit(".", 1)[1] for n in dream} == set(PUBLISHED_LORA_TARGETS) and len(dream) == 7
 
 
 def test_explicit_and_all_linear_targets():
@@ -51,11 +72,7 @@ def test_explicit_and_all_linear_targets():
 
 
 def test_dream_default_targets():
-    config = DreamConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, mask_token_id=3, pad_token_id=0, eos_token_id=2,
-    )
-    names = _lora_module_names(apply_lora(DreamModel(config), _lora_cfg()))
+    names = _lora_module_names(apply_lora(_tiny_dream(), _lora_cfg()))
     assert {n.rsplit(".", 1)[1] for n in names} == set(DEFAULT_LORA_TARGETS["Dream"])
     assert "lm_head" not in names
 

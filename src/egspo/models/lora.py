@@ -56,8 +56,9 @@ def apply_lora(model: nn.Module, cfg: ModelConfig, peft_config: LoraConfig | Non
     ``peft_config`` as it is); base weights frozen.
 
     LLaDA names its LM head ``ff_out`` like the blocks' MLP output, so the default name list adapts the
-    head too, exactly as the published d1/EGSPO LoRA setup does (peft matches names by suffix); list
-    the targets explicitly to leave it out. peft's "all-linear" never adapts the head.
+    head too (peft matches names by suffix); list the targets explicitly to leave it out. peft's
+    "all-linear" never adapts the head, nor does the ``published`` preset, which on LLaDA adapts only
+    q, k, v and up (docs/algorithm.md#deliberate-differences-from-the-published-code).
     """
     core = unwrap(model)
     if peft_config is not None:
