@@ -43,6 +43,12 @@ def sharded_accelerator(train: EGSPOConfig) -> Accelerator:
     """egspo's accelerator, switched to FSDP or DeepSpeed (on a GPU machine, accelerate does this itself)."""
     acc = run_setup.make_accelerator(train)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        import deepspeed.ops
+
+        # DeepSpeed's comm backend on its CPU accelerator JIT-compiles a shared-memory op that only its
+        # inference all-reduce uses (about 90 s on a fresh machine, so every CI run); training goes through
+        # torch.distributed's collectives either way, so the tests skip the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         plugin = DeepSpeedPlugin()  # from the ACCELERATE_DEEPSPEED_* environment, as Accelerator() does on GPUs
         plugin.set_mixed_precision("no")
         _switch(acc, DistributedType.DEEPSPEED)
