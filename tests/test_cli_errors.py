@@ -75,10 +75,9 @@ def test_data_and_reward_mistakes_exit_2_and_leave_nothing(tmp_path, micro_model
 
 
 def test_a_missing_model_offline_fails_at_once(tmp_path):
-    start = time.perf_counter()
+    """Refused by the offline check before the hub client is asked (so no network retries), not after."""
     done = egspo("train", "model_name_or_path=someone/not-a-model", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
-    assert_user_error(done, "someone/not-a-model")
-    assert time.perf_counter() - start < 60  # no network retries (the import of torch takes most of it)
+    assert_user_error(done, "someone/not-a-model", "is offline (")
 
 
 def test_interrupt_saves_exits_130_and_resume_finishes(tmp_path, micro_model):

@@ -79,6 +79,15 @@ def _config(tmp_path: Path, micro_model: Path, data: Path, lora: bool) -> Path:
     return config
 
 
+@pytest.fixture(scope="module")
+def ddp_lora_run(micro_model, prompts_file, tmp_path_factory) -> Path:
+    """The plain DDP run (2 processes) of ``_config(lora=True)`` that the DeepSpeed stages are compared with."""
+    tmp = tmp_path_factory.mktemp("ddp_lora")
+    launch(2, ["-m", "egspo.cli", "train", "--config", str(_config(tmp, micro_model, prompts_file, lora=True)),
+               f"output_dir={tmp / 'ddp'}"])
+    return tmp / "ddp"
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -182,7 +191,7 @@ def test_fsdp_sft_runs_and_saves_an_adapter(micro_model, tmp_path):
 @needs_gloo
 @pytest.mark.skipif(not _has_deepspeed(), reason="needs the deepspeed package")
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_lora_trains_like_ddp_and_resumes_exactly(micro_model, prompts_file, tmp_path, stage):
+def test_deepspeed_lora_trains_like_ddp_and_resumes_exactly(micro_model, prompts_file, ddp_lora_run, tmp_path, stage):
     config = _config(tmp_path, micro_model, prompts_file, lora=True)
     env = deepspeed_environment(ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml")
     assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
@@ -190,11 +199,10 @@ def test_deepspeed_lora_trains_like_ddp_and_resumes_exactly(micro_model, prompts
     def deepspeed(*args: str) -> None:
         launch(2, ["tests/sharded_driver.py", *args], env=env, timeout=180)
 
-    run, straight, ddp = tmp_path / "run", tmp_path / "straight", tmp_path / "ddp"
+    run, straight, ddp = tmp_path / "run", tmp_path / "straight", ddp_lora_run
     deepspeed("train", "--config", str(config), f"output_dir={run}")
     ckpt = run / "checkpoint-2"
     assert (ckpt / "deepspeed" / "state").is_dir() and (ckpt / "adapter" / "adapter_model.safetensors").exists()
-    launch(2, ["-m", "egspo.cli", "train", "--config", str(config), f"output_dir={ddp}"])
     for key in ("reward/mean", "loss", "kl", "grad_norm"):
         expected = [m[key] for m in _metrics(ddp)]
         assert [m[key] for m in _metrics(run)] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
