@@ -28,6 +28,9 @@ for task in $tasks; do
         echo "no $ref/${reference_files[$task]}: give the directory that holds the reference test sets" \
              "(usage: bash scripts/replication_gpu.sh REFERENCE_DIR [SEEDS...])" >&2; exit 2; }
 done
+for seed in ${LONG_SEEDS:-0 1}; do
+    [[ $seed =~ ^[0-9]+$ ]] || { echo "LONG_SEEDS: '$seed' is not a seed (give whole numbers, e.g. LONG_SEEDS=\"0 1\")" >&2; exit 2; }
+done
 ref=$(cd "$ref" && pwd)  # the script works from the repository root
 # Held-out accuracy range (percent) that build_base picks the base from. Sudoku's generated puzzles
 # are easier than the reference set (held-out 10.2% came with 6.4% on it), hence its higher floor.
@@ -74,6 +77,7 @@ grid() {  # task seeds... (all the seeds' runs at once)
 long_runs() {  # the 5x longer Sudoku runs after the Sudoku grid: one seed's 5 runs at a time
     local best=${BEST_DIFFU:-} seed
     [ -n "$best" ] || best=$(python scripts/replication_report.py --best-diffu-grpo $out/sudoku) || return
+    : > $out/long.log  # one log per invocation; each seed's command appends to it
     for seed in ${LONG_SEEDS:-0 1}; do
         python scripts/replicate.py --task sudoku --reference-test "$ref/$(reference_file sudoku)" --seeds $seed \
             --variants $best egspo egspo_sa random uniform --parallel 5 --every 100 --steps-factor 5 \
